@@ -1,0 +1,149 @@
+"""Encoder interfaces, specs and the name registry.
+
+Image encoders map normalised pixels ``(B, 3, H, W)`` to a list of feature maps
+``[(B, C_i, H / s_i, W / s_i)]`` with ``strides`` and ``channels`` declared up front.
+Text encoders map class names to L2-normalised embeddings ``(N, dim)``.
+Both are frozen: eval mode, ``requires_grad=False``, called under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, asdict
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class EncoderError(ValueError):
+    """An encoder name or folder that cannot be built (message says what to do)."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Identity of a frozen encoder: its public name, where it came from, a fingerprint of its weights."""
+
+    name: str
+    source: str
+    fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fingerprint_state(module: nn.Module, extra: str = "") -> str:
+    """A short stable hash of a module's parameters and buffers (names, shapes and a value sample)."""
+    h = hashlib.sha256(extra.encode())
+    for key, value in sorted(module.state_dict().items()):
+        t = value.detach().float().flatten().cpu()
+        h.update(key.encode())
+        h.update(str(tuple(value.shape)).encode())
+        if t.numel():
+            # A strided sample plus sums: enough to tell different weights apart, cheap on big models.
+            step = max(1, t.numel() // 256)
+            h.update(t[::step].numpy().tobytes())
+            h.update(f"{float(t.sum()):.6e}{float(t.abs().sum()):.6e}".encode())
+    return h.hexdigest()[:16]
+
+
+class ImageEncoder(nn.Module):
+    """Frozen image encoder: normalised pixels -> multi-stride feature maps.
+
+    Subclasses set ``spec``, ``mean``, ``std``, ``strides``, ``channels`` and implement ``forward``.
+    ``forward(pixels: (B, 3, H, W)) -> list[(B, C_i, ceil(H / s_i), ceil(W / s_i))]``, ordered by stride.
+    Optionally ``class_names`` (tuple of str) and ``classify(pixels) -> (B, K, h, w)`` logits when the
+    encoder has a classifier head over named classes.
+    """
+
+    spec: EncoderSpec
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    strides: tuple[int, ...]
+    channels: tuple[int, ...]
+    #: Side length (px) the encoder was pretrained at; a sensible default inference size.
+    native_size: int = 224
+    #: Inputs are padded to a multiple of this.
+    size_multiple: int = 32
+
+    def freeze(self) -> "ImageEncoder":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "ImageEncoder":  # frozen: always eval (BN statistics stay fixed)
+        return super().train(False)
+
+    def normalize(self, pixels01: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> normalised input for ``forward``."""
+        mean = torch.tensor(self.mean, dtype=pixels01.dtype, device=pixels01.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=pixels01.dtype, device=pixels01.device).view(1, 3, 1, 1)
+        return (pixels01 - mean) / std
+
+
+class TextEncoder(nn.Module):
+    """Frozen text encoder: class names -> ``(N, dim)`` L2-normalised embeddings."""
+
+    spec: EncoderSpec
+    dim: int
+
+    def freeze(self) -> "TextEncoder":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(False)
+
+    def encode(self, class_names: Sequence[str], templates: Sequence[str] | str | None = "default") -> Tensor:
+        raise NotImplementedError
+
+
+_IMAGE: dict[str, Callable[[str], ImageEncoder]] = {}
+_TEXT: dict[str, Callable[[str], TextEncoder]] = {}
+
+
+def register_image_encoder(prefix: str):
+    def deco(fn):
+        _IMAGE[prefix] = fn
+        return fn
+    return deco
+
+
+def register_text_encoder(prefix: str):
+    def deco(fn):
+        _TEXT[prefix] = fn
+        return fn
+    return deco
+
+
+def _lookup(table: dict, name: str, kind: str):
+    _ensure_registered()
+    if name in table:
+        return table[name]
+    for prefix, fn in table.items():
+        if prefix.endswith(":") and name.startswith(prefix):
+            return fn
+    known = ", ".join(sorted(k + ("<repo or folder>" if k.endswith(":") else "") for k in table))
+    raise EncoderError(f"unknown {kind} encoder {name!r}; known: {known}")
+
+
+def build_image_encoder(name: str) -> ImageEncoder:
+    """Build a frozen image encoder by name, e.g. ``efficientnet-lite0`` or ``hf:facebook/dino-vits16``."""
+    return _lookup(_IMAGE, name, "image")(name).freeze()
+
+
+def build_text_encoder(name: str) -> TextEncoder:
+    """Build a frozen text encoder by name, e.g. ``minilm-l6`` or ``hf:openai/clip-vit-base-patch16``."""
+    return _lookup(_TEXT, name, "text")(name).freeze()
+
+
+def available_encoders() -> dict[str, list[str]]:
+    _ensure_registered()
+    return {"image": sorted(_IMAGE), "text": sorted(_TEXT)}
+
+
+def _ensure_registered() -> None:
+    # Importing the modules runs their @register decorators.
+    from . import efficientnet_lite, hf_text, hf_vision  # noqa: F401
