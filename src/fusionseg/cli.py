@@ -1,0 +1,213 @@
+"""Command line: ``fusionseg segment | train | cache | evaluate | info``.
+
+Bad input ends with one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+EXIT_USAGE = 2
+
+
+class CLIError(ValueError):
+    pass
+
+
+def _image_paths(items: Sequence[str]) -> list[Path]:
+    from .data.datasets import IMAGE_SUFFIXES
+    out: list[Path] = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CLIError(f"folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise CLIError(f"no such file or folder: {p}")
+    stems = {}
+    for p in out:
+        if p.stem in stems and stems[p.stem] != p:
+            raise CLIError(f"two inputs share the name {p.stem!r} ({stems[p.stem]} and {p}); their outputs would collide")
+        stems[p.stem] = p
+    return out
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".fusionseg-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    import torch
+    from .data.io import save_png_atomic, write_text_atomic
+    from .segmenter import Segmenter, parse_class_names
+    from .visualize import label_png, overlay
+
+    names = parse_class_names(a.classes)
+    paths = _image_paths(a.images)
+    out = Path(a.out)
+    _check_writable(out)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size)
+    for p in paths:
+        t0 = time.time()
+        pred = seg.predict(p, names, threshold=a.threshold, background=a.background)
+        from .data.io import load_image
+        img = load_image(p)
+        # Everything computed first, then the three files written atomically.
+        lab_img = label_png(pred.labels, len(names))
+        ov = overlay(img, pred.labels, names) if not a.no_overlay else None
+        info = pred.summary()
+        info.update(image=str(p), model=str(a.model), threshold=seg.threshold if a.threshold is None else a.threshold,
+                    seconds=round(time.time() - t0, 3))
+        save_png_atomic(lab_img, out / f"{p.stem}.png")
+        if ov is not None:
+            save_png_atomic(ov, out / f"{p.stem}_overlay.png")
+        write_text_atomic(json.dumps(info, indent=1), out / f"{p.stem}.json")
+        found = ", ".join(f"{n} {v['pixel_fraction']:.1%}" for n, v in info["per_class"].items() if v["pixel_fraction"] > 0)
+        print(f"{p.name}: {found or 'none of the classes'} -> {out / (p.stem + '.png')}"
+              f"{'' if ov is None else ', ' + str(out / (p.stem + '_overlay.png'))}, {out / (p.stem + '.json')}")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .engine.train import TrainConfig, train
+    if a.steps is not None and a.steps < 1:
+        raise CLIError("--steps must be at least 1")
+    excl = [c for c in (a.exclude_classes or "").split(",") if c.strip()]
+    cfg = TrainConfig(data=a.data, out=a.out, image_encoder=a.image_encoder, text_encoder=a.text_encoder,
+                      preset=a.preset, device=a.device, cache_dir=a.cache_dir, resume=a.resume,
+                      exclude_classes=excl, holdout=a.holdout or [], fusion=not a.no_fusion,
+                      pos_embed=a.pos_embed)
+    for k in ("steps", "batch_size", "lr", "size", "checkpoint_every", "seed", "val_fraction"):
+        v = getattr(a, k)
+        if v is not None:
+            setattr(cfg, k, v)
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    train(cfg)
+    return 0
+
+
+def cmd_cache(a: argparse.Namespace) -> int:
+    from .data.datasets import FolderDataset
+    from .data.features import cache_features
+    from .encoders.base import build_image_encoder
+    enc = build_image_encoder(a.image_encoder)
+    for d in a.data:
+        ds = FolderDataset(d)
+        cf = cache_features(ds, enc, a.size, 2, a.cache_dir, device=a.device)
+        print(f"{ds.name}: {len(ds)} images {'already cached' if cf.hit else 'cached'} in {cf.path}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from . import __version__
+    from .encoders.base import available_encoders
+    from .model.checkpoint import read_checkpoint
+    _, meta = read_checkpoint(a.model)
+    tr = meta.get("training", {})
+    print(f"fusionseg {__version__}")
+    print(f"checkpoint: {meta['path']}")
+    print(f"image encoder: {meta['image_encoder']['name']} ({meta['image_encoder']['fingerprint']})")
+    print(f"text encoder:  {meta['text_encoder']['name']} ({meta['text_encoder']['fingerprint']})")
+    c = meta["config"]
+    print(f"preset: {c.get('preset')} (width {c['width']}, {c['layers']} layers, {c['heads']} heads), "
+          f"{tr.get('parameters', '?')} parameters, trained {tr.get('steps', '?')} steps")
+    if tr.get("vocabulary"):
+        print(f"names seen in training ({len(tr['vocabulary'])}): {', '.join(tr['vocabulary'])}")
+    enc = available_encoders()
+    print(f"encoders: image {', '.join(enc['image'])}; text {', '.join(enc['text'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engine.train import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+    from .model.fusioner import DEFAULT_PRESET, PRESETS
+    p = argparse.ArgumentParser(prog="fusionseg", description="Open-vocabulary semantic segmentation on frozen encoders.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment images with any class names")
+    s.add_argument("images", nargs="+", help="image files and/or folders of images")
+    s.add_argument("--classes", required=True, help='comma-separated names, e.g. "cat, sofa, potted plant"')
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--model", default="default", help="'default' or a checkpoint (.safetensors or run folder)")
+    s.add_argument("--threshold", type=float, default=None, help="none-of-these threshold on the sigmoid score (default 0.5)")
+    s.add_argument("--background", action="store_true", help="plain arg-max, no threshold (name a background class yourself)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--size", type=int, default=None, help="working size: longer image side in px (default: the model's)")
+    s.add_argument("--no-overlay", action="store_true", help="skip the overlay picture")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    s.set_defaults(func=cmd_segment)
+
+    t = sub.add_parser("train", help="train the fusion model on folder datasets (cached frozen features)")
+    t.add_argument("--data", action="append", required=True, help="dataset folder (fusionseg-folder/1); repeat to mix")
+    t.add_argument("--out", required=True, help="run folder; the final checkpoint is OUT/final.safetensors")
+    t.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER)
+    t.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER)
+    t.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--size", type=int, default=None, help="training size (longer side, px)")
+    t.add_argument("--val-fraction", type=float, default=None, help="whole images per dataset kept out for validation")
+    t.add_argument("--holdout", action="append", help="image id always kept out of training (repeatable)")
+    t.add_argument("--exclude-classes", default=None, help="names never used in training; their pixels are ignored")
+    t.add_argument("--checkpoint-every", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--cache-dir", default=None, help="feature cache folder (default ~/.cache/fusionseg or $FUSIONSEG_CACHE)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    t.add_argument("--no-fusion", action="store_true", help="ablation: no fusion transformer")
+    t.add_argument("--pos-embed", default="none", choices=["none", "fourier"])
+    t.add_argument("--threads", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("cache", help="compute the frozen-feature cache of dataset folders")
+    c.add_argument("--data", action="append", required=True)
+    c.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER)
+    c.add_argument("--size", type=int, default=320)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--cache-dir", default=None)
+    c.set_defaults(func=cmd_cache)
+
+    i = sub.add_parser("info", help="describe a checkpoint and the available encoders")
+    i.add_argument("--model", default="default")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a) or 0
+    except (ValueError, OSError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and getattr(e, "filename", None) and str(e.filename) not in msg:
+            msg = f"{msg}: {e.filename}"
+        print(f"fusionseg {a.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Checkpoints: one safetensors file holding the trainable weights, with JSON metadata in its header.
+
+Metadata (``fusionseg`` key of the safetensors header):
+``{"format": "fusionseg-checkpoint/1", "config": FusionerConfig, "image_encoder": EncoderSpec,
+"text_encoder": EncoderSpec, "templates": ..., "image_size": int, "threshold": float, "training": {...}}``.
+The frozen encoders are not stored: they are rebuilt by name and their fingerprints must match.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+try:
+    from safetensors import SafetensorError as SafetensorsError
+except ImportError:  # older releases
+    SafetensorsError = Exception  # type: ignore[misc,assignment]
+from safetensors.torch import load_file, save_file
+
+from ..encoders.base import EncoderSpec, ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
+from .fusioner import FusionHead, Fusioner, FusionerConfig
+
+FORMAT = "fusionseg-checkpoint/1"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit (message says which and why)."""
+
+
+def save_checkpoint(path: str | Path, head: FusionHead, image_spec: EncoderSpec, text_spec: EncoderSpec,
+                    meta: dict[str, Any] | None = None, half: bool = False) -> Path:
+    """Write weights + metadata atomically (temp file + rename). ``half`` stores fp16 weights."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": FORMAT, "config": head.cfg.to_dict(), "image_encoder": image_spec.to_dict(),
+              "text_encoder": text_spec.to_dict()}
+    header.update(meta or {})
+    tensors = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous().cpu()
+               for k, v in head.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"fusionseg": json.dumps(header)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    if str(name_or_path) == "default":
+        if not DEFAULT_WEIGHTS.is_file():
+            raise CheckpointError(f"the shipped default weights are missing ({DEFAULT_WEIGHTS}); reinstall fusionseg")
+        return DEFAULT_WEIGHTS
+    p = Path(name_or_path)
+    if p.is_dir() and (p / "final.safetensors").is_file():
+        p = p / "final.safetensors"
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p} (give 'default', a .safetensors file or a training run folder)")
+    return p
+
+
+def read_checkpoint(name_or_path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """-> (state dict, metadata). Raises :class:`CheckpointError` on a missing, truncated or foreign file."""
+    p = resolve_checkpoint(name_or_path)
+    try:
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get("fusionseg")
+        state = load_file(str(p))
+    except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{p} is not a readable safetensors checkpoint (truncated or another format): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if raw is None:
+        raise CheckpointError(f"{p} is a safetensors file but not a fusionseg checkpoint (no 'fusionseg' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{p}: its fusionseg metadata is not valid JSON") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    meta["path"] = str(p)
+    return state, meta
+
+
+def check_encoders(meta: dict, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
+    """Raise :class:`CheckpointError` naming both sides if the encoders are not the ones the checkpoint was trained on."""
+    for kind, enc in (("image", image_encoder), ("text", text_encoder)):
+        want = meta[f"{kind}_encoder"]
+        have = enc.spec
+        if want["name"] != have.name or want["fingerprint"] != have.fingerprint:
+            raise CheckpointError(
+                f"checkpoint {Path(meta.get('path', '?')).name} was trained for {kind} encoder {want['name']} "
+                f"(fingerprint {want['fingerprint']}), but {kind} encoder {have.name} (fingerprint {have.fingerprint}) "
+                f"was given; use the encoders named in the checkpoint or retrain")
+
+
+def load_model(name_or_path: str | Path = "default", device: str | torch.device = "cpu",
+               image_encoder: ImageEncoder | None = None, text_encoder: TextEncoder | None = None) -> tuple[Fusioner, dict]:
+    """Rebuild a :class:`Fusioner` from a checkpoint (encoders by name unless given) -> (model, metadata)."""
+    state, meta = read_checkpoint(name_or_path)
+    if image_encoder is None:
+        image_encoder = build_image_encoder(meta["image_encoder"]["name"])
+    if text_encoder is None:
+        text_encoder = build_text_encoder(meta["text_encoder"]["name"])
+    check_encoders(meta, image_encoder, text_encoder)
+    cfg = FusionerConfig.from_dict(meta["config"])
+    head = FusionHead(cfg)
+    try:
+        head.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{meta['path']}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
+    head.eval()
+    model = Fusioner(image_encoder, text_encoder, head, meta.get("templates", "default")).to(device)
+    return model, meta

@@ -1,0 +1,148 @@
+"""Segmenter: image(s) + class names -> label map and scores, with the expensive parts cached.
+
+Text embeddings are cached per (name, templates); images are resized so the longer side is the model's
+working size (default: the training size), run once through the frozen encoder, and the logits are
+upsampled back to the original size in row bands, so a 10,000 x 8,000 photo costs little more memory
+than its label map.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.io import load_image_with_size
+from .data.transforms import pad_to, resize_image, round_up, to_tensor
+from .model.checkpoint import load_model
+
+MAX_CLASSES = 1000
+
+
+@dataclass
+class Prediction:
+    """labels: ``(H, W)`` uint16 (0 = none of the classes, k = class_names[k-1]); scores: ``(H, W)`` float32
+    sigmoid score of the chosen class (for label 0: the best class's score, below the threshold)."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    class_names: list[str]
+
+    def summary(self) -> dict:
+        """Image size and, per class, pixel fraction and mean score over its pixels."""
+        h, w = self.labels.shape
+        total = h * w
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names) + 1)
+        sums = np.bincount(self.labels.ravel(), weights=self.scores.ravel().astype(np.float64),
+                           minlength=len(self.class_names) + 1)
+        per = {}
+        for k, name in enumerate(self.class_names, start=1):
+            per[name] = {"label": k, "pixel_fraction": round(counts[k] / total, 6),
+                         "mean_score": round(sums[k] / counts[k], 4) if counts[k] else None}
+        return {"width": w, "height": h, "classes": list(self.class_names),
+                "none_fraction": round(counts[0] / total, 6), "per_class": per}
+
+
+def parse_class_names(spec: str | Sequence[str], limit: int = MAX_CLASSES) -> list[str]:
+    """'cat, sofa, potted plant' or a list -> trimmed names. Raises ValueError on empty, duplicate or too many."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [" ".join(str(n).split()) for n in items]
+    if any(not n for n in names) and any(names):
+        names = [n for n in names if n]  # tolerate "cat, , dog" trailing commas
+    if not names or not any(names):
+        raise ValueError("the class list is empty; give names like --classes \"cat, sofa, potted plant\"")
+    seen: dict[str, str] = {}
+    for n in names:
+        key = n.casefold()
+        if key in seen:
+            raise ValueError(f"duplicate class name {n!r} (same as {seen[key]!r} after trimming and case-folding)")
+        seen[key] = n
+    if len(names) > limit:
+        raise ValueError(f"{len(names)} class names given; the limit is {limit}")
+    return names
+
+
+class Segmenter:
+    """Predictor over a trained Fusioner.
+
+    >>> seg = Segmenter.from_pretrained("default")
+    >>> pred = seg.predict("photo.jpg", ["cat", "sofa", "potted plant"])
+    >>> pred.labels.shape  # (H, W) of the photo
+    """
+
+    def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
+                 threshold: float | None = None):
+        self.model = model.eval()
+        self.meta = meta
+        self.device = torch.device(device)
+        self.size = int(size or meta.get("image_size", 320))
+        self.threshold = float(meta.get("threshold", 0.5) if threshold is None else threshold)
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "default", device: str | None = None, **kw) -> "Segmenter":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+        model, meta = load_model(name_or_path, device)
+        return cls(model, meta, device, **kw)
+
+    def text_embeddings(self, names: Sequence[str]) -> torch.Tensor:
+        missing = [n for n in names if n not in self._text_cache]
+        if missing:
+            emb = self.model.encode_text(missing)
+            for n, e in zip(missing, emb):
+                self._text_cache[n] = e
+        return torch.stack([self._text_cache[n] for n in names]).to(self.device)
+
+    @torch.no_grad()
+    def logits(self, image, class_names: Sequence[str]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """-> (logits ``(N, h, w)`` at the working size, cropped to the image; original (W, H))."""
+        img, orig = load_image_with_size(image, max_side=max(self.size, 1))
+        img = resize_image(img, self.size)
+        enc = self.model.image_encoder
+        x = enc.normalize(to_tensor(img)[None])
+        h, w = x.shape[-2:]
+        mult = getattr(enc, "size_multiple", 32)
+        x = pad_to(x, round_up(h, mult), round_up(w, mult))
+        text = self.text_embeddings(list(class_names))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            visual = self.model.encode_image(x.to(self.device))
+            lg = self.model.head(visual, text, tuple(x.shape[-2:]))
+        return lg[0, :, :h, :w].float(), orig
+
+    def predict(self, image, class_names: Sequence[str] | str, threshold: float | None = None,
+                background: bool = False) -> Prediction:
+        """Label every pixel with one of ``class_names`` or 0 ("none of these").
+
+        A pixel takes the arg-max class if its sigmoid score passes ``threshold`` (default from the checkpoint,
+        0.5); with ``background=True`` the plain arg-max is used (name a "background" class yourself).
+        """
+        names = parse_class_names(class_names)
+        thr = self.threshold if threshold is None else float(threshold)
+        if not 0.0 <= thr <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {thr}")
+        lg, (W, H) = self.logits(image, names)
+        labels = np.empty((H, W), dtype=np.uint16)
+        scores = np.empty((H, W), dtype=np.float32)
+        band = max(1, int(4_000_000 // max(1, W * len(names))))  # rows per band: bounded memory
+        src = lg[None]
+        for y0 in range(0, H, band):
+            y1 = min(H, y0 + band)
+            # Bilinear upsampling of one band of rows: sample the logits at the band's pixel centres.
+            ys = (torch.arange(y0, y1, dtype=torch.float32) + 0.5) / H * 2 - 1
+            xs = (torch.arange(W, dtype=torch.float32) + 0.5) / W * 2 - 1
+            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+            grid = torch.stack([gx, gy], -1)[None].to(src.device)
+            up = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+            best, idx = up.max(0)
+            prob = best.sigmoid()
+            lab = idx + 1
+            if not background:
+                lab = torch.where(prob >= thr, lab, torch.zeros_like(lab))
+            labels[y0:y1] = lab.cpu().numpy().astype(np.uint16)
+            scores[y0:y1] = prob.cpu().numpy()
+        return Prediction(labels, scores, list(names))

@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fusionseg.data.datasets import FolderDataset
+from fusionseg.data.features import cache_features
+from fusionseg.engine.train import TrainConfig, build_vocabulary, train
+from fusionseg.model.checkpoint import CheckpointError, load_model, read_checkpoint
+from fusionseg.segmenter import Segmenter
+
+from conftest import PoolEncoder, make_shapes_dataset
+
+
+def test_cache_hit_is_bit_identical(shapes_dataset, tmp_path):
+    ds = FolderDataset(shapes_dataset)
+    enc = PoolEncoder().freeze()
+    a = cache_features(ds, enc, size=64, cache_dir=tmp_path / "c", progress=False)
+    b = cache_features(ds, enc, size=64, cache_dir=tmp_path / "c", progress=False)
+    assert not a.hit and b.hit and a.path == b.path
+    for x, y in zip(a.levels, b.levels):
+        assert x.dtype == torch.float16 and torch.equal(x, y)
+    assert torch.equal(a.masks, b.masks)
+    assert a.levels[0].shape == (len(ds), 2, 8, 8, 8)  # (N, views, C, 64/8, 64/8)
+    # the flipped view really is the flip
+    assert torch.equal(a.masks[:, 1], a.masks[:, 0].flip(-1))
+    # another encoder (other fingerprint) gets another cache entry
+    other = PoolEncoder("test-pool-2").freeze()
+    c = cache_features(ds, other, size=64, cache_dir=tmp_path / "c", progress=False)
+    assert not c.hit and c.path != a.path
+
+
+def test_vocabulary_matches_names_across_datasets(tmp_path):
+    a = make_shapes_dataset(tmp_path / "a", n=2)
+    b = make_shapes_dataset(tmp_path / "b", n=2)
+    meta = json.loads((b / "dataset.json").read_text())
+    meta["classes"] = {"1": "Square", "2": "star_shape"}
+    (b / "dataset.json").write_text(json.dumps(meta))
+    vocab, maps, unknown = build_vocabulary([FolderDataset(a), FolderDataset(b)], exclude=["disc", "unicorn"])
+    assert vocab == ["square", "star shape"]
+    assert maps == [[0, -1], [0, 1]]
+    assert unknown == ["unicorn"]
+
+
+def iou(a, b):
+    return (a & b).sum() / max(1, (a | b).sum())
+
+
+def test_tiny_model_overfits_two_class_dataset(shapes_dataset, tmp_path):
+    torch.manual_seed(0)
+    cfg = TrainConfig(data=[str(shapes_dataset)], out=str(tmp_path / "run"), image_encoder="test-pool",
+                      text_encoder="test-hash", preset="tiny", steps=500, batch_size=8, lr=3e-3, warmup=20,
+                      size=128, val_fraction=0.0, checkpoint_every=100, cache_dir=str(tmp_path / "cache"),
+                      progress=False)
+    final = train(cfg)
+    assert final.name == "final.safetensors" and final.is_file()
+    assert (tmp_path / "run" / "step100.safetensors").is_file()
+    _, meta = read_checkpoint(final)
+    assert meta["image_encoder"]["name"] == "test-pool" and meta["text_encoder"]["name"] == "test-hash"
+    assert meta["training"]["steps"] == 500 and meta["config"]["preset"] == "tiny"
+    assert meta["training"]["vocabulary"] == ["square", "disc"]
+    seg = Segmenter.from_pretrained(tmp_path / "run", device="cpu")
+    ds = FolderDataset(shapes_dataset)
+    ious = {1: [], 2: []}
+    for s in ds:
+        pred = seg.predict(s.image, ["square", "disc"])
+        assert pred.labels.shape == s.mask.shape
+        for k in (1, 2):
+            ious[k].append(iou(pred.labels == k, s.mask == k))
+    m = {k: float(np.mean(v)) for k, v in ious.items()}
+    assert m[1] > 0.9 and m[2] > 0.9, m
+
+
+def test_resume_continues_from_state(shapes_dataset, tmp_path):
+    base = dict(data=[str(shapes_dataset)], image_encoder="test-pool", text_encoder="test-hash", preset="tiny",
+                batch_size=4, size=64, val_fraction=0.0, cache_dir=str(tmp_path / "cache"), progress=False)
+    train(TrainConfig(out=str(tmp_path / "r"), steps=10, checkpoint_every=5, **base))
+    final = train(TrainConfig(out=str(tmp_path / "r"), steps=15, resume=True, checkpoint_every=0, **base))
+    _, meta = read_checkpoint(final)
+    assert meta["training"]["steps"] == 15
+    assert len((tmp_path / "r" / "log.jsonl").read_text().splitlines()) >= 2
+
+
+def test_checkpoint_for_other_encoders_is_refused(shapes_dataset, tmp_path):
+    cfg = TrainConfig(data=[str(shapes_dataset)], out=str(tmp_path / "run"), image_encoder="test-pool",
+                      text_encoder="test-hash", preset="tiny", steps=2, batch_size=2, size=64,
+                      val_fraction=0.0, cache_dir=str(tmp_path / "cache"), progress=False)
+    final = train(cfg)
+    with pytest.raises(CheckpointError, match="test-pool.*test-pool-2"):
+        load_model(final, image_encoder=PoolEncoder("test-pool-2").freeze())
+    bad = tmp_path / "trunc.safetensors"
+    bad.write_bytes(final.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_checkpoint(bad)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("hello")
+    with pytest.raises(CheckpointError):
+        read_checkpoint(junk)
