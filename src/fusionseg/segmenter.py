@@ -23,6 +23,17 @@ MAX_CLASSES = 1000
 
 
 @dataclass
+class EncodedImage:
+    """The frozen encoder's maps for one image: ``visual`` maps, ``padded`` (H, W) fed to the encoder,
+    ``valid`` (h, w) of the resized image inside it, ``orig`` (W, H) of the original image."""
+
+    visual: list
+    padded: tuple[int, int]
+    valid: tuple[int, int]
+    orig: tuple[int, int]
+
+
+@dataclass
 class Prediction:
     """labels: ``(H, W)`` uint16 (0 = none of the classes, k = class_names[k-1]); scores: ``(H, W)`` float32
     sigmoid score of the chosen class (for label 0: the best class's score, below the threshold)."""
@@ -99,8 +110,8 @@ class Segmenter:
         return torch.stack([self._text_cache[n] for n in names]).to(self.device)
 
     @torch.no_grad()
-    def logits(self, image, class_names: Sequence[str]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """-> (logits ``(N, h, w)`` at the working size, cropped to the image; original (W, H))."""
+    def encode(self, image) -> "EncodedImage":
+        """Load, resize (longer side = working size), pad and run the frozen image encoder once."""
         img, orig = load_image_with_size(image, max_side=max(self.size, 1))
         img = resize_image(img, self.size)
         enc = self.model.image_encoder
@@ -108,11 +119,23 @@ class Segmenter:
         h, w = x.shape[-2:]
         mult = getattr(enc, "size_multiple", 32)
         x = pad_to(x, round_up(h, mult), round_up(w, mult))
-        text = self.text_embeddings(list(class_names))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             visual = self.model.encode_image(x.to(self.device))
-            lg = self.model.head(visual, text, tuple(x.shape[-2:]))
-        return lg[0, :, :h, :w].float(), orig
+        return EncodedImage(visual, (x.shape[-2], x.shape[-1]), (h, w), orig)
+
+    @torch.no_grad()
+    def logits_from(self, encoded: "EncodedImage", class_names: Sequence[str]) -> torch.Tensor:
+        """-> logits ``(N, h, w)`` at the working size, cropped to the image (padding removed)."""
+        text = self.text_embeddings(list(class_names))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            lg = self.model.head(encoded.visual, text, encoded.padded)
+        h, w = encoded.valid
+        return lg[0, :, :h, :w].float()
+
+    def logits(self, image, class_names: Sequence[str]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """-> (logits ``(N, h, w)`` at the working size, original (W, H))."""
+        e = self.encode(image)
+        return self.logits_from(e, class_names), e.orig
 
     def predict(self, image, class_names: Sequence[str] | str, threshold: float | None = None,
                 background: bool = False) -> Prediction:
@@ -126,23 +149,37 @@ class Segmenter:
         if not 0.0 <= thr <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {thr}")
         lg, (W, H) = self.logits(image, names)
-        labels = np.empty((H, W), dtype=np.uint16)
-        scores = np.empty((H, W), dtype=np.float32)
-        band = max(1, int(4_000_000 // max(1, W * len(names))))  # rows per band: bounded memory
-        src = lg[None]
-        for y0 in range(0, H, band):
-            y1 = min(H, y0 + band)
-            # Bilinear upsampling of one band of rows: sample the logits at the band's pixel centres.
-            ys = (torch.arange(y0, y1, dtype=torch.float32) + 0.5) / H * 2 - 1
-            xs = (torch.arange(W, dtype=torch.float32) + 0.5) / W * 2 - 1
-            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-            grid = torch.stack([gx, gy], -1)[None].to(src.device)
-            up = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-            best, idx = up.max(0)
-            prob = best.sigmoid()
-            lab = idx + 1
-            if not background:
-                lab = torch.where(prob >= thr, lab, torch.zeros_like(lab))
-            labels[y0:y1] = lab.cpu().numpy().astype(np.uint16)
-            scores[y0:y1] = prob.cpu().numpy()
+        labels, scores = labels_from_logits(lg, (W, H), thr, background)
         return Prediction(labels, scores, list(names))
+
+
+def upsample_rows(lg: torch.Tensor, size: tuple[int, int], rows: int):
+    """Yield (y0, y1, band) with ``band`` = logits ``(N, h, w)`` bilinearly resampled to rows y0:y1 of an image
+    of ``size`` = (W, H); bands keep memory bounded for huge images."""
+    W, H = size
+    src = lg[None].float()
+    xs = (torch.arange(W, dtype=torch.float32) + 0.5) / W * 2 - 1
+    for y0 in range(0, H, rows):
+        y1 = min(H, y0 + rows)
+        ys = (torch.arange(y0, y1, dtype=torch.float32) + 0.5) / H * 2 - 1
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack([gx, gy], -1)[None].to(src.device)
+        yield y0, y1, F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+def labels_from_logits(lg: torch.Tensor, size: tuple[int, int], threshold: float, background: bool = False):
+    """logits ``(N, h, w)`` -> (labels ``(H, W)`` uint16, scores ``(H, W)`` float32) at ``size`` = (W, H)."""
+    W, H = size
+    n = lg.shape[0]
+    labels = np.empty((H, W), dtype=np.uint16)
+    scores = np.empty((H, W), dtype=np.float32)
+    rows = max(1, int(4_000_000 // max(1, W * n)))  # rows per band: bounded memory
+    for y0, y1, up in upsample_rows(lg, size, rows):
+        best, idx = up.max(0)
+        prob = best.sigmoid()
+        lab = idx + 1
+        if not background:
+            lab = torch.where(prob >= threshold, lab, torch.zeros_like(lab))
+        labels[y0:y1] = lab.cpu().numpy().astype(np.uint16)
+        scores[y0:y1] = prob.cpu().numpy()
+    return labels, scores

@@ -1,0 +1,152 @@
+"""The CLI end to end with a tiny checkpoint (test encoders), and every bad input of the issue."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusionseg.cli import main
+from fusionseg.engine.train import TrainConfig, train
+
+from conftest import make_shapes_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ds = make_shapes_dataset(root / "shapes", n=6)
+    cfg = TrainConfig(data=[str(ds)], out=str(root / "run"), image_encoder="test-pool", text_encoder="test-hash",
+                      preset="tiny", steps=30, batch_size=4, size=64, val_fraction=0.0,
+                      cache_dir=str(root / "cache"), progress=False)
+    return train(cfg), ds
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_segment_writes_three_files(tiny_ckpt, tmp_path, capsys):
+    ckpt, ds = tiny_ckpt
+    img = ds / "images" / "img000.png"
+    code, out, err = run(["segment", img, "--classes", "square, disc", "--model", ckpt, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    lab = Image.open(tmp_path / "o" / "img000.png")
+    assert lab.mode == "P" and lab.size == (128, 128)
+    assert set(np.unique(np.asarray(lab))) <= {0, 1, 2}
+    ov = Image.open(tmp_path / "o" / "img000_overlay.png")
+    assert ov.width >= 128 and ov.height >= 128
+    info = json.loads((tmp_path / "o" / "img000.json").read_text())
+    assert info["width"] == 128 and info["height"] == 128 and info["classes"] == ["square", "disc"]
+    fr = sum(v["pixel_fraction"] for v in info["per_class"].values()) + info["none_fraction"]
+    assert abs(fr - 1) < 1e-4
+    assert "img000.png" in out
+    assert not list((tmp_path / "o").glob("*.tmp"))
+
+
+def test_segment_folder_input(tiny_ckpt, tmp_path, capsys):
+    ckpt, ds = tiny_ckpt
+    code, _, err = run(["segment", ds / "images", "--classes", "square", "--model", ckpt, "--out", tmp_path / "o",
+                        "--no-overlay"], capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "o").glob("*.json"))) == 6
+
+
+@pytest.mark.parametrize("classes,msg", [("", "empty"), (" , ,", "empty"), ("cat, Cat ", "duplicate"),
+                                          ("a," * 1001, "limit")])
+def test_bad_class_lists(tiny_ckpt, tmp_path, capsys, classes, msg):
+    ckpt, ds = tiny_ckpt
+    code, out, err = run(["segment", ds / "images" / "img000.png", "--classes", classes, "--model", ckpt,
+                          "--out", tmp_path / "o"], capsys)
+    assert code == 2 and msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_bad_paths_and_images(tiny_ckpt, tmp_path, capsys):
+    ckpt, ds = tiny_ckpt
+    code, _, err = run(["segment", tmp_path / "nope.jpg", "--classes", "cat", "--model", ckpt, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "nope.jpg" in err
+    txt = tmp_path / "notes.jpg"
+    txt.write_text("not an image")
+    code, _, err = run(["segment", txt, "--classes", "cat", "--model", ckpt, "--out", tmp_path / "o2"], capsys)
+    assert code == 2 and "notes.jpg" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o2" / "notes.png").exists()
+    good = Image.new("RGB", (200, 150), (10, 200, 30))
+    good.save(tmp_path / "t.jpg", quality=90)
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    code, _, err = run(["segment", tmp_path / "trunc.jpg", "--classes", "cat", "--model", ckpt, "--out", tmp_path / "o3"], capsys)
+    assert code == 2 and "trunc.jpg" in err
+    assert not (tmp_path / "o3" / "trunc.png").exists()
+
+
+def test_unwritable_output(tiny_ckpt, tmp_path, capsys):
+    ckpt, ds = tiny_ckpt
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(["segment", ds / "images" / "img000.png", "--classes", "square", "--model", ckpt,
+                        "--out", blocker / "sub"], capsys)
+    assert code == 2 and "cannot write" in err
+
+
+def test_bad_checkpoints(tiny_ckpt, tmp_path, capsys):
+    ckpt, ds = tiny_ckpt
+    img = ds / "images" / "img000.png"
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(Path(ckpt).read_bytes()[:100])
+    code, _, err = run(["segment", img, "--classes", "square", "--model", trunc, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "trunc.safetensors" in err
+    junk = tmp_path / "model.bin"
+    junk.write_bytes(b"\x00" * 64)
+    code, _, err = run(["segment", img, "--classes", "square", "--model", junk, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "model.bin" in err
+    code, _, err = run(["segment", img, "--classes", "square", "--model", tmp_path / "missing.safetensors",
+                        "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_checkpoint_for_other_encoders_names_both(tiny_ckpt, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    ckpt, ds = tiny_ckpt
+    with safe_open(str(ckpt), "pt") as f:
+        meta = json.loads(f.metadata()["fusionseg"])
+    meta["image_encoder"]["fingerprint"] = "0123456789abcdef"
+    meta["image_encoder"]["name"] = "efficientnet-lite2"
+    other = tmp_path / "other.safetensors"
+    save_file(load_file(str(ckpt)), str(other), metadata={"fusionseg": json.dumps(meta)})
+    from fusionseg.model.checkpoint import CheckpointError, load_model
+    from conftest import HashText, PoolEncoder
+    with pytest.raises(CheckpointError, match="efficientnet-lite2.*test-pool"):
+        load_model(other, image_encoder=PoolEncoder().freeze(), text_encoder=HashText().freeze())
+
+
+def test_image_kinds(tiny_ckpt, tmp_path, capsys):
+    """Grayscale, RGBA, palette, 16-bit, CMYK, 1x1 all segment; labels come back at the original size."""
+    ckpt, ds = tiny_ckpt
+    base = Image.open(ds / "images" / "img001.png").convert("RGB")
+    files = {
+        "gray.png": base.convert("L"), "rgba.png": base.convert("RGBA"), "pal.png": base.convert("P"),
+        "cmyk.jpg": base.convert("CMYK"), "one.png": Image.new("RGB", (1, 1), (200, 0, 0)),
+        "wide.png": base.resize((300, 20)),
+    }
+    a16 = (np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    files["g16.png"] = Image.fromarray(a16)
+    for n, im in files.items():
+        im.save(tmp_path / n)
+    code, _, err = run(["segment", *[tmp_path / n for n in files], "--classes", "square, disc", "--model", ckpt,
+                        "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    for n, im in files.items():
+        lab = Image.open(tmp_path / "o" / (Path(n).stem + ".png"))
+        assert lab.size == im.size, n
+
+
+def test_module_runs_as_script(tiny_ckpt, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fusionseg.cli", "segment", str(tmp_path / "missing.png"),
+                        "--classes", "x", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "missing.png" in r.stderr and "Traceback" not in r.stderr
