@@ -53,7 +53,7 @@ def _check_writable(folder: Path) -> None:
 
 def cmd_segment(a: argparse.Namespace) -> int:
     import torch
-    from .data.io import save_png_atomic, write_text_atomic
+    from .data.io import load_image, save_png_atomic, write_text_atomic
     from .segmenter import Segmenter, parse_class_names
     from .visualize import label_png, overlay
 
@@ -66,9 +66,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
     seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size)
     for p in paths:
         t0 = time.time()
-        pred = seg.predict(p, names, threshold=a.threshold, background=a.background)
-        from .data.io import load_image
-        img = load_image(p)
+        img = load_image(p)  # decoded once: EXIF orientation applied, used for prediction and overlay
+        pred = seg.predict(img, names, threshold=a.threshold, background=a.background)
         # Everything computed first, then the three files written atomically.
         lab_img = label_png(pred.labels, len(names))
         ov = overlay(img, pred.labels, names) if not a.no_overlay else None
@@ -102,6 +101,26 @@ def cmd_train(a: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(a.threads)
     train(cfg)
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .engine.evaluate import evaluate
+    if a.fold is not None and not 0 <= a.fold <= 3:
+        raise CLIError(f"--fold must be 0, 1, 2 or 3, got {a.fold}")
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    for p in (a.json, a.report):
+        if p:
+            _check_writable(Path(p).resolve().parent)
+    rep = evaluate(model=a.model, data=a.data, protocol=a.protocol, fold=a.fold, threshold=a.threshold,
+                   device=a.device, json_path=a.json, report_path=a.report, max_images=a.max_images,
+                   episodes=a.episodes)
+    print(rep["table"])
+    for p in (a.json, a.report):
+        if p:
+            print(f"wrote {p}")
     return 0
 
 
@@ -178,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pos-embed", default="none", choices=["none", "fourier"])
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="measure a model: one-class episodes or whole-vocabulary mIoU")
+    e.add_argument("--model", default="default")
+    e.add_argument("--data", required=True, help="a dataset folder, or pascal5i:ROOT, coco20i:ROOT, fss1000:ROOT, mosaic4:ROOT")
+    e.add_argument("--protocol", default="semantic", choices=["episodes", "semantic"])
+    e.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold 0-3")
+    e.add_argument("--episodes", type=int, default=None, help="episode count (default: 1,000 for folds, else all)")
+    e.add_argument("--threshold", type=float, default=None)
+    e.add_argument("--max-images", type=int, default=None)
+    e.add_argument("--json", default=None, help="write the report as JSON here")
+    e.add_argument("--report", default=None, help="write a Markdown report (with a figure) here")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, default=0)
+    e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("cache", help="compute the frozen-feature cache of dataset folders")
     c.add_argument("--data", action="append", required=True)
