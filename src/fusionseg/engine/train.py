@@ -147,6 +147,39 @@ def bce_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, cla
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
+@torch.no_grad()
+def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tensor], device, batch_size: int = 16) -> dict:
+    """Whole-vocabulary mIoU of each validation split on cached features (training resolution, view 0).
+
+    A fast proxy for ``fusionseg evaluate`` (which works at the original resolution): datasets whose every
+    pixel is a class use the arg-max, others the 0.5 threshold.
+    """
+    from .metrics import SemanticMeter
+    was_training = head.training
+    head.eval()
+    out = {}
+    for (ds, cf), text in zip(val_sets, text_by_dataset):
+        argmax = not ds.meta.get("background_values", [0])
+        k = len(ds.class_names)
+        meter = SemanticMeter(k + 1, ignore_index=IGNORE)
+        for s in range(0, len(ds), batch_size):
+            levels = [lv[s:s + batch_size, 0].to(device).float() for lv in cf.levels]
+            masks = cf.masks[s:s + batch_size, 0].to(device).long()
+            lg = head(levels, text, tuple(masks.shape[-2:]))
+            best, idx = lg.max(1)
+            lab = idx + 1
+            if not argmax:
+                lab = torch.where(best.sigmoid() >= 0.5, lab, torch.zeros_like(lab))
+            meter.update(lab.cpu(), masks.cpu())
+        r = meter.compute()
+        per = [float(v) for v in r["per_class_iou"]][1:]
+        vals = [v for v in per if v == v]
+        out[ds.name] = {"miou": round(float(np.mean(vals)), 4) if vals else None, "images": len(ds),
+                        "per_class": {n: (round(v, 4) if v == v else None) for n, v in zip(ds.class_names, per)}}
+    head.train(was_training)
+    return out
+
+
 def open_datasets(paths: Sequence[str]) -> list[FolderDataset]:
     if not paths:
         raise DatasetError("give at least one --data folder")
@@ -191,8 +224,18 @@ def train(cfg: TrainConfig) -> Path:
         source.append(torch.full((len(ds),), d))
     pool = _Pool([torch.cat(f) for f in feats], torch.cat(gmasks), torch.cat(known), torch.cat(source))
     del feats
-    text, text_spec = cached_text_embeddings(vocab, cfg.templates, cfg.cache_dir, encoder_name=cfg.text_encoder)
-    text = text.to(device)
+    all_names = sorted({normalize_name(n) for ds in datasets for n in ds.class_names} | set(vocab))
+    text_all, text_spec = cached_text_embeddings(all_names, cfg.templates, cfg.cache_dir, encoder_name=cfg.text_encoder)
+    row = {n: i for i, n in enumerate(all_names)}
+    text = text_all[[row[n] for n in vocab]].to(device)
+    val_sets, val_text = [], []
+    for ds in datasets:
+        va = splits[ds.name]["val"]
+        if va:
+            vds = ds.subset(va)
+            val_sets.append((vds, cache_features(vds, image_encoder, cfg.size, 1, cfg.cache_dir, device=device,
+                                                 progress=cfg.progress)))
+            val_text.append(text_all[[row[normalize_name(n)] for n in ds.class_names]].to(device))
 
     mcfg = FusionerConfig.from_preset(cfg.preset, image_encoder.strides, image_encoder.channels, text.shape[1],
                                       fusion=cfg.fusion, pos_embed=cfg.pos_embed)
@@ -222,6 +265,11 @@ def train(cfg: TrainConfig) -> Path:
     def checkpoint(path: Path, step: int) -> None:
         meta = json.loads(json.dumps(meta_base))
         meta["training"].update(steps=step, wall_seconds=round(time.time() - t_start, 1))
+        if val_sets:
+            rep = validate(head, val_sets, val_text, device)
+            meta["training"]["validation"] = rep
+            msg = ", ".join(f"{n} {r['miou']:.3f}" for n, r in rep.items() if r["miou"] is not None)
+            tqdm.write(f"step {step}: validation mIoU {msg}")
         save_checkpoint(path, head, image_encoder.spec, text_spec, meta)
         torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng.getstate()}, state_path)
 
