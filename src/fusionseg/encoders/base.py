@@ -32,17 +32,18 @@ class EncoderSpec:
 
 
 def fingerprint_state(module: nn.Module, extra: str = "") -> str:
-    """A short stable hash of a module's parameters and buffers (names, shapes and a value sample)."""
+    """A short hash of a module's parameters and buffers: names, dtypes, shapes and every byte of the values.
+
+    Exact bytes (no float reductions), so the same weights give the same fingerprint on any machine,
+    thread count or torch build.
+    """
     h = hashlib.sha256(extra.encode())
     for key, value in sorted(module.state_dict().items()):
-        t = value.detach().float().flatten().cpu()
-        h.update(key.encode())
-        h.update(str(tuple(value.shape)).encode())
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         if t.numel():
-            # A strided sample plus sums: enough to tell different weights apart, cheap on big models.
-            step = max(1, t.numel() // 256)
-            h.update(t[::step].numpy().tobytes())
-            h.update(f"{float(t.sum()):.6e}{float(t.abs().sum()):.6e}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
+                     else t.numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..data.datasets import IGNORE, DatasetError, FolderDataset, normalize_name, split_ids
 from ..data.features import cache_features, cached_text_embeddings
 from ..encoders.base import build_image_encoder
+from ..encoders.templates import resolve_templates
 from ..model.checkpoint import save_checkpoint
 from ..model.fusioner import DEFAULT_PRESET, FusionerConfig, FusionHead
 
@@ -256,7 +257,7 @@ def train(cfg: TrainConfig) -> Path:
 
     n_params = sum(p.numel() for p in head.parameters())
     meta_base = {
-        "templates": cfg.templates, "image_size": cfg.size, "threshold": 0.5,
+        "templates": resolve_templates(cfg.templates), "image_size": cfg.size, "threshold": 0.5,
         "training": {"data": [str(d.root) for d in datasets], "vocabulary": vocab,
                      "excluded_classes": sorted(normalize_name(c) for c in cfg.exclude_classes),
                      "train_images": sum(len(d) for d in train_sets), "config": asdict(cfg), "parameters": n_params},
