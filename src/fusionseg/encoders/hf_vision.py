@@ -1,98 +1,136 @@
-"""Vision transformers through ``transformers``: CLIP vision towers, ViT, DINO, DINOv2.
+"""Vision transformers through ``transformers``: CLIP vision towers, ViT, DINO, DINOv2, SigLIP.
 
-One map of last-layer patch tokens after the final norm (CLIP: post-layernorm and the visual projection),
-class and register tokens dropped: ``(B, 3, H, W) -> [(B, C, H/p, W/p)]``. Position embeddings are
-interpolated, so any input size that is a multiple of the patch size works.
+One map of the last layer's patch tokens after the final norm, class and register tokens dropped:
+``(B, 3, H, W) -> [(B, C, H/p, W/p)]`` with ``p`` the patch size (``strides == (p,)``).
+
+* CLIP: ``post_layernorm`` on every token, then ``visual_projection`` (so ``C`` is the joint embedding width,
+  as in the paper);
+* ViT / DINO (v1 is a ViT checkpoint) / DeiT / DINOv2 (with or without registers): the model's final
+  ``layernorm`` (already applied to ``last_hidden_state``);
+* SigLIP: ``post_layernorm`` (already applied), no class token.
+
+Position embeddings are interpolated, so any input whose sides are multiples of ``p`` works (the caller pads
+to ``size_multiple``).
 """
 from __future__ import annotations
 
+import inspect
 import json
-from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import EncoderError, EncoderSpec, ImageEncoder, fingerprint_state, register_image_encoder
+from .hf_text import _one_line, _quiet, optional_file, resolve_ref
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+#: model_type -> how its tokens are read ("clip", "vit" (final layernorm applied, CLS first), "siglip").
+KINDS = {"clip": "clip", "clip_vision_model": "clip", "vit": "vit", "deit": "vit", "dinov2": "vit",
+         "dinov2_with_registers": "vit", "siglip": "siglip", "siglip_vision_model": "siglip"}
 
 
 class HFVisionEncoder(ImageEncoder):
-    def __init__(self, name: str, source: str, model, kind: str, mean, std, projection=None):
+    """A frozen ``transformers`` ViT-style vision model as a one-level feature map ``[(B, C, H/p, W/p)]``."""
+
+    def __init__(self, name: str, source: str, model: nn.Module, kind: str, mean, std,
+                 projection: nn.Module | None = None):
         super().__init__()
         self.model = model.eval()
         self.kind = kind
         self.projection = projection
         cfg = model.config
         self.patch = int(cfg.patch_size)
-        self.n_skip = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        # Leading non-patch tokens: CLS (+ DeiT's distillation token, + DINOv2's registers); SigLIP has none.
+        self.n_skip = 0 if kind == "siglip" else (1 + int(getattr(cfg, "model_type", "") == "deit")
+                                                  + int(getattr(cfg, "num_register_tokens", 0) or 0))
         width = int(projection.out_features) if projection is not None else int(cfg.hidden_size)
         self.strides, self.channels = (self.patch,), (width,)
         self.size_multiple = self.patch
-        self.native_size = int(getattr(cfg, "image_size", 224) or 224)
-        self.mean, self.std = tuple(mean), tuple(std)
+        size = getattr(cfg, "image_size", 224) or 224
+        self.native_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        params = inspect.signature(model.forward).parameters
+        # DINOv2 always interpolates and takes no such argument; ViT, CLIP and SigLIP need it asked for.
+        self._interp = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in params else {}
         self.spec = EncoderSpec(name, source, fingerprint_state(self, kind))
 
     @torch.no_grad()
     def forward(self, pixels: Tensor) -> list[Tensor]:
+        """``(B, 3, H, W)`` normalised, ``H`` and ``W`` multiples of the patch -> ``[(B, C, H/p, W/p)]``."""
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
         b, _, h, w = pixels.shape
         if h % self.patch or w % self.patch:
-            raise ValueError(f"input {h}x{w} must be a multiple of the patch size {self.patch}; pad it first")
-        out = self.model(pixel_values=pixels, interpolate_pos_encoding=True)
-        tokens = out.last_hidden_state
-        if self.kind == "clip":
+            raise ValueError(f"input {h}x{w} must be a multiple of the patch size {self.patch}; pad it first "
+                             f"(size_multiple={self.size_multiple})")
+        dtype = next(self.model.parameters()).dtype
+        tokens = self.model(pixel_values=pixels.to(dtype), **self._interp).last_hidden_state
+        if self.kind == "clip":  # CLIP applies post_layernorm only to the pooled token; we want every token
             tokens = self.model.post_layernorm(tokens)
             if self.projection is not None:
                 tokens = self.projection(tokens)
         tokens = tokens[:, self.n_skip:]
         gh, gw = h // self.patch, w // self.patch
+        if tokens.shape[1] != gh * gw:
+            raise RuntimeError(f"{self.spec.name}: got {tokens.shape[1]} patch tokens for a {gh}x{gw} grid")
         return [tokens.transpose(1, 2).reshape(b, -1, gh, gw)]
 
 
-def _norm_stats(ref: str, local: bool, kind: str):
-    if local:
-        p = Path(ref) / "preprocessor_config.json"
-        if p.is_file():
+def _norm_stats(ref: str, local: bool, kind: str) -> tuple[tuple, tuple]:
+    """image_mean / image_std from the checkpoint's preprocessor_config.json, else the family's defaults."""
+    p = optional_file(ref, "preprocessor_config.json", local)
+    if p is not None:
+        try:
             d = json.loads(p.read_text())
-            if "image_mean" in d and "image_std" in d:
-                return d["image_mean"], d["image_std"]
-    return (CLIP_MEAN, CLIP_STD) if kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+            mean, std = d.get("image_mean"), d.get("image_std")
+            if isinstance(mean, list) and isinstance(std, list) and len(mean) == 3 and len(std) == 3:
+                return tuple(mean), tuple(std)
+        except (OSError, ValueError):
+            pass
+    return {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}.get(kind, (IMAGENET_MEAN, IMAGENET_STD))
+
+
+def _load(ref: str, local: bool, name: str):
+    """(vision model, kind, projection or None) for a folder or hub id."""
+    from transformers import AutoConfig, AutoModel
+    _quiet()
+    kw = {"local_files_only": True} if local else {}
+    cfg = AutoConfig.from_pretrained(ref, **kw)
+    mt = getattr(cfg, "model_type", "")
+    if mt not in KINDS:
+        raise EncoderError(f"{name}: model type {mt!r} is not supported as an image encoder "
+                           f"(CLIP, SigLIP, ViT, DeiT, DINO and DINOv2 are)")
+    kind = KINDS[mt]
+    if kind == "clip":
+        from transformers import CLIPVisionModelWithProjection
+        vcfg = cfg
+        if mt == "clip":  # a full CLIP checkpoint: load only the vision tower and its projection
+            vcfg = cfg.vision_config
+            vcfg.projection_dim = cfg.projection_dim
+        m = CLIPVisionModelWithProjection.from_pretrained(ref, config=vcfg, **kw)
+        return m.vision_model, kind, m.visual_projection
+    if kind == "siglip":
+        from transformers import SiglipVisionModel
+        vcfg = cfg.vision_config if mt == "siglip" else cfg
+        return SiglipVisionModel.from_pretrained(ref, config=vcfg, **kw).vision_model, kind, None
+    extra = {"add_pooling_layer": False} if mt in ("vit", "deit") else {}
+    return AutoModel.from_pretrained(ref, **extra, **kw), kind, None
 
 
 @register_image_encoder("hf:")
 def build_hf_vision(name: str) -> HFVisionEncoder:
-    ref = name[3:]
-    if not ref:
-        raise EncoderError("give a hub id or folder after 'hf:', e.g. hf:facebook/dino-vitb16")
-    local = Path(ref).exists()
-    kw = {"local_files_only": True} if local else {}
+    """``hf:<hub id or folder>``: CLIP / SigLIP vision tower, ViT, DeiT, DINO or DINOv2, e.g.
+    ``hf:facebook/dino-vitb16``, ``hf:facebook/dinov2-small``, ``hf:openai/clip-vit-base-patch16``."""
+    ref, local = resolve_ref(name, "image")
     try:
-        from transformers import AutoConfig, AutoModel
-        from .hf_text import _quiet
-        _quiet()
-        cfg = AutoConfig.from_pretrained(ref, **kw)
-        mt = getattr(cfg, "model_type", "")
-        projection = None
-        if mt == "clip":
-            from transformers import CLIPModel
-            full = CLIPModel.from_pretrained(ref, **kw)
-            model, projection, kind = full.vision_model, full.visual_projection, "clip"
-        elif mt == "clip_vision_model":
-            from transformers import CLIPVisionModelWithProjection
-            m = CLIPVisionModelWithProjection.from_pretrained(ref, **kw)
-            model, projection, kind = m.vision_model, m.visual_projection, "clip"
-        elif mt in ("vit", "dinov2", "dinov2_with_registers", "deit"):
-            model = AutoModel.from_pretrained(ref, add_pooling_layer=False, **kw) if mt in ("vit", "deit") \
-                else AutoModel.from_pretrained(ref, **kw)
-            kind = mt
-        else:
-            raise EncoderError(f"{name}: model type {mt!r} is not supported as an image encoder "
-                               f"(CLIP, ViT, DINO, DINOv2 are)")
+        model, kind, projection = _load(ref, local, name)
     except EncoderError:
         raise
-    except Exception as e:
-        raise EncoderError(f"could not load image encoder {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                           f"check the name or folder (and your network for hub ids)") from None
+    except Exception as e:  # transformers raises many types; the user needs one line
+        where = "the folder" if local else "the name or your network"
+        raise EncoderError(f"could not load image encoder {name}: {_one_line(e)}; check {where}") from None
     mean, std = _norm_stats(ref, local, kind)
     return HFVisionEncoder(name, ref if local else f"hf:{ref}", model, kind, mean, std, projection)

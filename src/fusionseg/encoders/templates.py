@@ -32,19 +32,38 @@ PAPER_TEMPLATES: tuple[str, ...] = (
 
 
 def resolve_templates(t: str | Sequence[str] | None) -> list[str]:
-    """"default" | "paper" | "none" (the bare name) | None | a list of templates each containing "{}"."""
-    if t is None or t == "none":
+    """A template choice -> the list of templates, each with one ``{}`` where the class name goes.
+
+    ``"default"`` -> ``DEFAULT_TEMPLATES``; ``"paper"`` -> ``PAPER_TEMPLATES``; ``"none"`` or ``None`` -> the bare
+    name (``["{}"]``); one string containing ``{}`` -> that single template; a sequence of such strings -> itself.
+    Anything else raises ``ValueError`` saying what to give instead.
+    """
+    if t is None:
         return ["{}"]
     if isinstance(t, str):
-        if t == "default":
+        key = t.strip().lower()
+        if key == "none":
+            return ["{}"]
+        if key == "default":
             return list(DEFAULT_TEMPLATES)
-        if t == "paper":
+        if key == "paper":
             return list(PAPER_TEMPLATES)
-        raise ValueError(f"unknown template set {t!r}; use 'default', 'paper', 'none' or a list of strings with '{{}}'")
-    out = list(t)
+        if "{}" in t:
+            t = [t]
+        else:
+            raise ValueError(f"unknown template set {t!r}; use 'default', 'paper', 'none', "
+                             f"or templates with '{{}}' where the class name goes, e.g. ['a photo of a {{}}.']")
+    try:
+        out = list(t)
+    except TypeError:
+        raise ValueError(f"templates must be 'default', 'paper', 'none', None or a list of strings, "
+                         f"got {type(t).__name__}") from None
     if not out:
         raise ValueError("the template list is empty; give at least one template such as 'a photo of a {}.'")
     for s in out:
-        if not isinstance(s, str) or s.count("{}") != 1:
-            raise ValueError(f"template {s!r} must contain exactly one '{{}}' where the class name goes")
+        if not isinstance(s, str):
+            raise ValueError(f"every template must be a string, got {s!r} ({type(s).__name__})")
+        if s.count("{}") != 1:
+            raise ValueError(f"template {s!r} must contain '{{}}' exactly once, where the class name goes "
+                             f"(e.g. 'a photo of a {{}}.')")
     return out

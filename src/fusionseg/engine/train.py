@@ -43,6 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup: int = 150
     size: int = 320
+    scales: list[int] | None = None  # cached scales sampled per batch; default: 0.8x, 1x, 1.2x size (>= 160 px)
     max_classes: int = 24
     val_fraction: float = 0.15
     holdout: list[str] = field(default_factory=list)  # image ids always kept out of training
@@ -63,7 +64,8 @@ class TrainConfig:
 class _Pool:
     """All cached training features in memory with masks re-indexed to the global vocabulary (int16, -1 ignore)."""
 
-    def __init__(self, feats, masks_global: torch.Tensor, known: torch.Tensor, source: torch.Tensor):
+    def __init__(self, feats, masks_global: torch.Tensor, known: torch.Tensor, source: torch.Tensor, size: int):
+        self.size = size               # images were resized (longer side) and padded to size x size
         self.levels = feats            # list of (N, V, C, h, w) fp16
         self.masks = masks_global      # (N, V, S, S) int16: -1 ignore, 0 none, g+1 = vocab[g]
         self.known = known             # (N, G) bool: which vocabulary names the image's dataset annotates
@@ -102,6 +104,13 @@ def _global_masks(local: torch.Tensor, lmap: list[int]) -> torch.Tensor:
     return lut[local.long()]
 
 
+def default_scales(size: int) -> list[int]:
+    """0.8x, 1x and 1.2x the training size on the 32-px grid (just ``size`` below 160 px)."""
+    if size < 160:
+        return [size]
+    return sorted({int(size * 0.8) // 32 * 32, size, -(-int(size * 1.2) // 32) * 32})
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -110,10 +119,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def sample_batch(pool: _Pool, cfg: TrainConfig, rng: random.Random, token_stride: int, vocab_size: int):
-    """Random images, views and a random crop of the token grid (crop size varies per batch)."""
+    """Random images, views and a random crop of the token grid (crop size varies per batch, at most the
+    training size's grid, so larger scales give zoomed-in crops)."""
     n, views = pool.masks.shape[:2]
-    grid = cfg.size // token_stride
-    k = rng.randint(max(2, int(grid * 0.7)), grid)
+    grid = pool.size // token_stride
+    top = min(grid, max(2, cfg.size // token_stride))
+    k = rng.randint(max(2, int(top * 0.7)), top)
     idx = [rng.randrange(n) for _ in range(cfg.batch_size)]
     vis = [rng.randrange(views) for _ in idx]
     offs = [(rng.randint(0, grid - k), rng.randint(0, grid - k)) for _ in idx]
@@ -212,19 +223,25 @@ def train(cfg: TrainConfig) -> Path:
 
     image_encoder = build_image_encoder(cfg.image_encoder)
 
-    feats, gmasks, known, source = None, [], [], []
-    for d, ds in enumerate(train_sets):
-        cf = cache_features(ds, image_encoder, cfg.size, 2, cfg.cache_dir, device=device, progress=cfg.progress)
-        if cfg.progress:
-            print(f"{ds.name}: {len(ds)} images, features {'from cache' if cf.hit else 'computed'} ({cf.path})")
-        feats = [[lv] for lv in cf.levels] if feats is None else [f + [lv] for f, lv in zip(feats, cf.levels)]
-        gmasks.append(_global_masks(cf.masks, maps[d]))
-        kn = torch.zeros(len(ds), len(vocab), dtype=torch.bool)
-        kn[:, [g for g in maps[d] if g >= 0]] = True
-        known.append(kn)
-        source.append(torch.full((len(ds),), d))
-    pool = _Pool([torch.cat(f) for f in feats], torch.cat(gmasks), torch.cat(known), torch.cat(source))
-    del feats
+    scales = sorted(set(cfg.scales or default_scales(cfg.size)))
+    for sc in scales:
+        if sc % 32:
+            raise ValueError(f"training scales must be multiples of 32, got {sc}")
+    pools = []
+    for sc in scales:
+        feats, gmasks, known, source = None, [], [], []
+        for d, ds in enumerate(train_sets):
+            cf = cache_features(ds, image_encoder, sc, 2, cfg.cache_dir, device=device, progress=cfg.progress)
+            if cfg.progress:
+                print(f"{ds.name} at {sc} px: {len(ds)} images, features {'from cache' if cf.hit else 'computed'} ({cf.path})")
+            feats = [[lv] for lv in cf.levels] if feats is None else [f + [lv] for f, lv in zip(feats, cf.levels)]
+            gmasks.append(_global_masks(cf.masks, maps[d]))
+            kn = torch.zeros(len(ds), len(vocab), dtype=torch.bool)
+            kn[:, [g for g in maps[d] if g >= 0]] = True
+            known.append(kn)
+            source.append(torch.full((len(ds),), d))
+        pools.append(_Pool([torch.cat(f) for f in feats], torch.cat(gmasks), torch.cat(known), torch.cat(source), sc))
+        del feats
     all_names = sorted({normalize_name(n) for ds in datasets for n in ds.class_names} | set(vocab))
     text_all, text_spec = cached_text_embeddings(all_names, cfg.templates, cfg.cache_dir, encoder_name=cfg.text_encoder)
     row = {n: i for i, n in enumerate(all_names)}
@@ -281,7 +298,7 @@ def train(cfg: TrainConfig) -> Path:
     ema = None
     log = open(out / "log.jsonl", "a")
     for step in bar:
-        levels, masks, kn, classes = sample_batch(pool, cfg, rng, mcfg.token_stride, len(vocab))
+        levels, masks, kn, classes = sample_batch(rng.choice(pools), cfg, rng, mcfg.token_stride, len(vocab))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         levels = [lv.to(device, non_blocking=True).float() for lv in levels]
