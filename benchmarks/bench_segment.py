@@ -16,7 +16,8 @@ from fusionseg.segmenter import Segmenter
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+    fn()  # warm-up (twice: first calls allocate)
+    fn()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()

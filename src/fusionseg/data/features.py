@@ -100,7 +100,9 @@ def cache_features(ds: FolderDataset, encoder: ImageEncoder, size: int = 320, vi
 
 # --------------------------------------------------------------------------------------------- text side
 def _text_file(root: Path, name: str, fingerprint: str, templates) -> Path:
-    t = templates if isinstance(templates, str) else hashlib.sha256(json.dumps(list(templates)).encode()).hexdigest()[:12]
+    # Keyed by the resolved template list, so editing a named set never reuses stale embeddings.
+    from ..encoders.templates import resolve_templates
+    t = hashlib.sha256(json.dumps(resolve_templates(templates)).encode()).hexdigest()[:12]
     return root / "text" / f"{name.replace('/', '_').replace(':', '_')}-{fingerprint}-{t}.safetensors"
 
 

@@ -64,11 +64,23 @@ class HFTextEncoder(TextEncoder):
 
     @torch.no_grad()
     def embed(self, sentences: Sequence[str]) -> Tensor:
-        """``S`` sentences -> ``(S, dim)`` float32, each row L2-normalised. Batched by ``BATCH``."""
-        out = []
+        """``S`` sentences -> ``(S, dim)`` float32, each row L2-normalised.
+
+        Sentences go through the model ``BATCH`` at a time, grouped by token length so little is padding
+        (the masked pooling makes the result independent of the grouping).
+        """
+        sentences = list(sentences)
+        if not sentences:
+            return torch.empty(0, self.dim)
         device = next(self.model.parameters()).device
+        order = list(range(len(sentences)))
+        if self.pooling != "siglip" and len(sentences) > BATCH:
+            lengths = [len(t) for t in self.tokenizer(sentences, truncation=True, max_length=self.max_length)["input_ids"]]
+            order.sort(key=lambda i: lengths[i])
+        out = torch.empty(len(sentences), self.dim)
         for i in range(0, len(sentences), BATCH):
-            chunk = list(sentences[i:i + BATCH])
+            idx = order[i:i + BATCH]
+            chunk = [sentences[j] for j in idx]
             if self.pooling == "siglip":  # trained on full-length padded inputs without a mask
                 ids = self.tokenizer(chunk, padding="max_length", truncation=True, max_length=self.max_length,
                                      return_tensors="pt")["input_ids"].to(device)
@@ -88,8 +100,8 @@ class HFTextEncoder(TextEncoder):
                             e = (h * m).sum(1) / m.sum(1).clamp(min=1)
                         else:  # max
                             e = h.masked_fill(m == 0, torch.finfo(h.dtype).min).amax(1)
-            out.append(F.normalize(e.float(), dim=-1))
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+            out[idx] = F.normalize(e.float(), dim=-1).cpu()
+        return out.to(device)
 
     @torch.no_grad()
     def encode(self, class_names: Sequence[str], templates: Sequence[str] | str | None = "default") -> Tensor:

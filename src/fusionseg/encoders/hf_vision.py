@@ -115,7 +115,9 @@ def _load(ref: str, local: bool, name: str):
     if kind == "siglip":
         from transformers import SiglipVisionModel
         vcfg = cfg.vision_config if mt == "siglip" else cfg
-        return SiglipVisionModel.from_pretrained(ref, config=vcfg, **kw).vision_model, kind, None
+        vcfg.vision_use_head = False  # the attention-pooling head is not used for patch tokens
+        m = SiglipVisionModel.from_pretrained(ref, config=vcfg, **kw)
+        return getattr(m, "vision_model", m), kind, None
     extra = {"add_pooling_layer": False} if mt in ("vit", "deit") else {}
     return AutoModel.from_pretrained(ref, **extra, **kw), kind, None
 
