@@ -150,3 +150,32 @@ def test_module_runs_as_script(tiny_ckpt, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fusionseg.cli", "segment", str(tmp_path / "missing.png"),
                         "--classes", "x", "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "missing.png" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_semantic_and_episodes_write_reports(tiny_ckpt, tmp_path, capsys):
+    ckpt, ds = tiny_ckpt
+    code, out, err = run(["evaluate", "--model", ckpt, "--data", ds, "--protocol", "semantic",
+                          "--json", tmp_path / "s.json", "--report", tmp_path / "s.md"], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert rep["protocol"] == "semantic" and set(rep["per_class"]) == {"square", "disc"}
+    assert 0 <= rep["miou"] <= 1 and rep["model"] == str(ckpt) and rep["data"] == str(ds)
+    assert "| square |" in out and (tmp_path / "s.png").is_file() and "s.png" in (tmp_path / "s.md").read_text()
+    code, out, err = run(["evaluate", "--model", ckpt, "--data", ds, "--protocol", "episodes",
+                          "--json", tmp_path / "e.json", "--report", tmp_path / "e.md"], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "e.json").read_text())
+    assert rep["protocol"] == "episodes" and rep["episodes"] == 12  # 6 images x 2 classes present
+    assert 0 <= rep["miou"] <= 1 and 0 <= rep["fbiou"] <= 1
+
+
+def test_evaluate_bad_input(tiny_ckpt, tmp_path, capsys):
+    ckpt, ds = tiny_ckpt
+    code, _, err = run(["evaluate", "--model", ckpt, "--data", "imagenet-seg"], capsys)
+    assert code == 2 and "unknown dataset" in err
+    code, _, err = run(["evaluate", "--model", ckpt, "--data", ds, "--fold", "4"], capsys)
+    assert code == 2 and "fold" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(["evaluate", "--model", ckpt, "--data", empty], capsys)
+    assert code == 2 and "dataset.json" in err

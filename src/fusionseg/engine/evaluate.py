@@ -143,7 +143,7 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
     """Evaluate a model on a dataset; returns the report dict (also written as JSON / Markdown if asked)."""
     import json
     from pathlib import Path
-    from ..data.benchmarks import open_dataset
+    from ..data.datasets import open_dataset
     from ..data.io import write_text_atomic
     from ..segmenter import Segmenter
     if protocol not in ("semantic", "episodes"):
