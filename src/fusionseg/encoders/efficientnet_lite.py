@@ -249,9 +249,16 @@ class EfficientNetLiteEncoder(ImageEncoder):
 
     def classify(self, pixels: Tensor) -> Tensor:
         """Dense ImageNet logits: the classifier applied per location, ``(B, 1000, ceil(H/32), ceil(W/32))``."""
-        h = self.head(pixels)
+        return self.classify_maps([self.head(pixels)])
+
+    def classify_maps(self, maps: list[Tensor]) -> Tensor:
+        """Dense ImageNet logits from ``forward``'s output (its last map is the head map), no recomputation."""
         fc = self.net._fc
-        return torch.einsum("bchw,kc->bkhw", h, fc.weight) + fc.bias.view(1, -1, 1, 1)
+        return torch.einsum("bchw,kc->bkhw", maps[-1], fc.weight) + fc.bias.view(1, -1, 1, 1)
+
+    def class_synonyms(self) -> list[list[str]]:
+        """WordNet lemmas of each of the 1,000 classes, in output order."""
+        return imagenet_synonyms()
 
     def classify_global(self, pixels: Tensor) -> Tensor:
         """Standard classifier: global average pool of the head map, then the linear layer -> ``(B, 1000)``."""

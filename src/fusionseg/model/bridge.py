@@ -1,0 +1,58 @@
+"""The semantic bridge: pixels -> named classifier classes -> words, with no training.
+
+An image encoder with a classifier head over named classes (EfficientNet-Lite: the 1,000 ImageNet classes)
+gives, at every stride-32 location, a probability for each class. Each class is embedded by the text encoder
+from its names (all WordNet synonyms, normalised and averaged). A queried name's score at a location is the
+*expected similarity* ``sum_k p_k * cos(label_k, query)`` over the top-k classes there: scoring in similarity
+space, so a crowded label group (118 dog breeds) counts by its probability mass, not by how many of its
+members sit near the query in the embedding space.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..encoders.base import EncoderError
+
+
+def has_classifier(image_encoder) -> bool:
+    return hasattr(image_encoder, "classify_maps") and bool(getattr(image_encoder, "class_names", None))
+
+
+class ClassifierBridge:
+    """Training-free open-vocabulary scores through a classifier's named classes."""
+
+    def __init__(self, image_encoder, text_encoder, top_k: int = 10, label_templates: str = "none",
+                 cache_dir=None):
+        if not has_classifier(image_encoder):
+            raise EncoderError(f"the bridge needs an image encoder with a classifier head over named classes; "
+                               f"{image_encoder.spec.name} has none (use efficientnet-lite0, -lite1 or -lite2)")
+        from ..data.features import cached_text_embeddings
+        self.image_encoder = image_encoder
+        self.top_k = top_k
+        synonyms = image_encoder.class_synonyms() if hasattr(image_encoder, "class_synonyms") \
+            else [[n] for n in image_encoder.class_names]
+        words = sorted({w for syn in synonyms for w in syn})
+        emb, _ = cached_text_embeddings(words, label_templates, cache_dir, encoder=text_encoder)
+        row = {w: i for i, w in enumerate(words)}
+        labels = torch.stack([F.normalize(emb[[row[w] for w in syn]].mean(0), dim=0) for syn in synonyms])
+        self.label_embeddings = labels  # (K, D)
+
+    def probabilities(self, maps: Sequence[Tensor]) -> Tensor:
+        """Encoder maps -> ``(B, K, h, w)`` class probabilities, all but the top-k per location zeroed."""
+        p = self.image_encoder.classify_maps(list(maps)).float().softmax(1)
+        if self.top_k and self.top_k < p.shape[1]:
+            v, i = p.topk(self.top_k, dim=1)
+            p = torch.zeros_like(p).scatter_(1, i, v)
+        return p
+
+    def scores(self, maps: Sequence[Tensor], queries: Tensor) -> Tensor:
+        """maps: encoder output; queries ``(N, D)`` normalised name embeddings -> ``(B, N, h, w)`` expected
+        cosine similarity of the location's classes with each name (renormalised over the top-k mass)."""
+        p = self.probabilities(maps)
+        p = p / p.sum(1, keepdim=True).clamp(min=1e-8)
+        sim = self.label_embeddings.to(queries.device) @ queries.float().T  # (K, N)
+        return torch.einsum("bkhw,kn->bnhw", p, sim)
