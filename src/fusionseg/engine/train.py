@@ -64,12 +64,11 @@ class TrainConfig:
 class _Pool:
     """All cached training features in memory with masks re-indexed to the global vocabulary (int16, -1 ignore)."""
 
-    def __init__(self, feats, masks_global: torch.Tensor, known: torch.Tensor, source: torch.Tensor, size: int):
+    def __init__(self, feats, masks_global: torch.Tensor, known: torch.Tensor, size: int):
         self.size = size               # images were resized (longer side) and padded to size x size
         self.levels = feats            # list of (N, V, C, h, w) fp16
         self.masks = masks_global      # (N, V, S, S) int16: -1 ignore, 0 none, g+1 = vocab[g]
         self.known = known             # (N, G) bool: which vocabulary names the image's dataset annotates
-        self.source = source           # (N,) dataset index
 
 
 def build_vocabulary(datasets: Sequence[FolderDataset], exclude: Sequence[str] = ()) -> tuple[list[str], list[list[int]], list[str]]:
@@ -118,7 +117,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def sample_batch(pool: _Pool, cfg: TrainConfig, rng: random.Random, token_stride: int, vocab_size: int):
+def sample_batch(pool: _Pool, cfg: TrainConfig, rng: random.Random, token_stride: int):
     """Random images, views and a random crop of the token grid (crop size varies per batch, at most the
     training size's grid, so larger scales give zoomed-in crops)."""
     n, views = pool.masks.shape[:2]
@@ -137,12 +136,11 @@ def sample_batch(pool: _Pool, cfg: TrainConfig, rng: random.Random, token_stride
     masks = torch.stack([pool.masks[i, v, oy * px:(oy + k) * px, ox * px:(ox + k) * px] for i, v, (oy, ox) in zip(idx, vis, offs)])
     known = pool.known[idx]
     # Classes: every one present in the batch, then negatives the batch's datasets annotate, up to max_classes.
-    present = torch.unique(masks[masks > 0]).long() - 1
-    present = present.tolist()
+    present = (torch.unique(masks[masks > 0]).long() - 1).tolist()
     rng.shuffle(present)
     chosen = present[: cfg.max_classes]
-    cand = torch.nonzero(known.any(0)).flatten().tolist()
-    rest = [c for c in cand if c not in set(chosen)]
+    taken = set(chosen)
+    rest = [c for c in torch.nonzero(known.any(0)).flatten().tolist() if c not in taken]
     rng.shuffle(rest)
     chosen += rest[: max(0, cfg.max_classes - len(chosen))]
     return out_levels, masks, known, chosen
@@ -229,7 +227,7 @@ def train(cfg: TrainConfig) -> Path:
             raise ValueError(f"training scales must be multiples of 32, got {sc}")
     pools = []
     for sc in scales:
-        feats, gmasks, known, source = None, [], [], []
+        feats, gmasks, known = None, [], []
         for d, ds in enumerate(train_sets):
             cf = cache_features(ds, image_encoder, sc, 2, cfg.cache_dir, device=device, progress=cfg.progress)
             if cfg.progress:
@@ -239,8 +237,7 @@ def train(cfg: TrainConfig) -> Path:
             kn = torch.zeros(len(ds), len(vocab), dtype=torch.bool)
             kn[:, [g for g in maps[d] if g >= 0]] = True
             known.append(kn)
-            source.append(torch.full((len(ds),), d))
-        pools.append(_Pool([torch.cat(f) for f in feats], torch.cat(gmasks), torch.cat(known), torch.cat(source), sc))
+        pools.append(_Pool([torch.cat(f) for f in feats], torch.cat(gmasks), torch.cat(known), sc))
         del feats
     all_names = sorted({normalize_name(n) for ds in datasets for n in ds.class_names} | set(vocab))
     text_all, text_spec = cached_text_embeddings(all_names, cfg.templates, cfg.cache_dir, encoder_name=cfg.text_encoder)
@@ -298,7 +295,7 @@ def train(cfg: TrainConfig) -> Path:
     ema = None
     log = open(out / "log.jsonl", "a")
     for step in bar:
-        levels, masks, kn, classes = sample_batch(rng.choice(pools), cfg, rng, mcfg.token_stride, len(vocab))
+        levels, masks, kn, classes = sample_batch(rng.choice(pools), cfg, rng, mcfg.token_stride)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         levels = [lv.to(device, non_blocking=True).float() for lv in levels]
