@@ -179,3 +179,25 @@ def test_evaluate_bad_input(tiny_ckpt, tmp_path, capsys):
     empty.mkdir()
     code, _, err = run(["evaluate", "--model", ckpt, "--data", empty], capsys)
     assert code == 2 and "dataset.json" in err
+
+
+def test_train_cache_and_info_commands(tmp_path, capsys):
+    ds = make_shapes_dataset(tmp_path / "shapes", n=4)
+    code, out, err = run(["cache", "--data", ds, "--image-encoder", "test-pool", "--size", "64",
+                          "--cache-dir", tmp_path / "c"], capsys)
+    assert code == 0 and "cached in" in out
+    code, out, _ = run(["cache", "--data", ds, "--image-encoder", "test-pool", "--size", "64",
+                        "--cache-dir", tmp_path / "c"], capsys)
+    assert code == 0 and "already cached" in out
+    code, out, err = run(["train", "--data", ds, "--out", tmp_path / "run", "--image-encoder", "test-pool",
+                          "--text-encoder", "test-hash", "--preset", "tiny", "--steps", "3", "--size", "64",
+                          "--val-fraction", "0.25", "--cache-dir", tmp_path / "c",
+                          "--exclude-classes", "disc, unicorn"], capsys)
+    assert code == 0, err
+    assert "unicorn" in out and (tmp_path / "run" / "final.safetensors").is_file()
+    code, out, _ = run(["info", "--model", tmp_path / "run"], capsys)
+    assert code == 0 and "test-pool" in out and "names seen in training (1): square" in out
+    code, _, err = run(["train", "--data", tmp_path / "nope", "--out", tmp_path / "r2"], capsys)
+    assert code == 2 and "not found" in err
+    code, _, err = run(["train", "--data", ds, "--out", tmp_path / "r3", "--steps", "0"], capsys)
+    assert code == 2 and "--steps" in err
