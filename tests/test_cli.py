@@ -172,7 +172,7 @@ def test_evaluate_semantic_and_episodes_write_reports(tiny_ckpt, tmp_path, capsy
 def test_evaluate_bad_input(tiny_ckpt, tmp_path, capsys):
     ckpt, ds = tiny_ckpt
     code, _, err = run(["evaluate", "--model", ckpt, "--data", "imagenet-seg"], capsys)
-    assert code == 2 and "unknown dataset" in err
+    assert code == 2 and "dataset not found" in err and "pascal5i:ROOT" in err
     code, _, err = run(["evaluate", "--model", ckpt, "--data", ds, "--fold", "4"], capsys)
     assert code == 2 and "fold" in err
     empty = tmp_path / "empty"

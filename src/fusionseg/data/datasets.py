@@ -144,21 +144,3 @@ def split_ids(ids: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[l
     train = sorted(ids[i] for i in order[n_val:])
     return train, val
 
-
-BENCHMARK_PREFIXES = ("pascal5i", "coco20i", "fss1000", "mosaic4")
-
-
-def open_dataset(spec: str, fold: int | None = None, split: str = "val"):
-    """A dataset by spec: a folder in the fusionseg format, or ``pascal5i:ROOT``, ``coco20i:ROOT``,
-    ``fss1000:ROOT``, ``mosaic4:ROOT`` (benchmark layouts, see ``data/benchmarks.py``)."""
-    if fold is not None and not 0 <= int(fold) <= 3:
-        raise DatasetError(f"fold must be 0, 1, 2 or 3, got {fold}")
-    prefix, sep, rest = str(spec).partition(":")
-    if sep and prefix.lower() in BENCHMARK_PREFIXES:
-        from . import benchmarks
-        return benchmarks.open_dataset(spec, fold=fold, split=split)
-    p = Path(spec)
-    if not p.exists():
-        raise DatasetError(f"unknown dataset {spec!r}: not a folder, and not one of "
-                           f"{', '.join(x + ':ROOT' for x in BENCHMARK_PREFIXES)}")
-    return FolderDataset(p)

@@ -47,8 +47,8 @@ def make_episodes(dataset, classes: Sequence[int] | None = None, n: int | None =
     Datasets with their own episode list (PASCAL-5i / COCO-20i: ``episodes(n, seed)``) use it; otherwise
     every (image, present class) pair, restricted to ``classes``, and cycled to ``n`` if given.
     """
-    if hasattr(dataset, "episodes"):
-        return list(dataset.episodes(n=n or 1000, seed=seed))
+    if hasattr(dataset, "episodes"):  # the benchmark's own episode list (n=None: its standard count)
+        return list(dataset.episodes(n=n, seed=seed))
     allowed = set(classes) if classes else None
     eps = []
     for i in range(len(dataset)):
@@ -143,12 +143,12 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
     """Evaluate a model on a dataset; returns the report dict (also written as JSON / Markdown if asked)."""
     import json
     from pathlib import Path
-    from ..data.datasets import open_dataset
+    from ..data.benchmarks import open_dataset
     from ..data.io import write_text_atomic
     from ..segmenter import Segmenter
     if protocol not in ("semantic", "episodes"):
         raise ValueError(f"unknown protocol {protocol!r}; use 'episodes' or 'semantic'")
-    ds = open_dataset(data, fold=fold, split="val") if fold is not None else open_dataset(data)
+    ds = open_dataset(data, fold=fold)
     seg = model if isinstance(model, Segmenter) else Segmenter.from_pretrained(model, device=device)
     if protocol == "semantic":
         rep = evaluate_semantic(seg, ds, threshold=threshold, progress=progress, max_images=max_images)
