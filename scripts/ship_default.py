@@ -71,6 +71,7 @@ cosine head; {tr['parameters']:,} parameters) for the frozen encoders **efficien
 - {tr['steps']} steps, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine), weight decay
   {cfg['weight_decay']}, per-class BCE at stride {cfg['loss_stride']}, up to {cfg['max_classes']} names per batch;
   images at {cfg['size']} px (longer side, padded square), original + flipped view cached, random token-grid crops.
+- {meta.get('trained_from', 'Trained from the folders above.')}
 - Wall time: {tr["wall_seconds"]:.0f} s on {meta.get("trained_on", "the machine noted in the issue")}.
 
 ## Names seen in training ({len(tr['vocabulary'])})
