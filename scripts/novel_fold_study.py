@@ -18,7 +18,7 @@ import torch
 
 from fusionseg.data.datasets import IGNORE, FolderDataset
 from fusionseg.engine.metrics import EpisodeMeter
-from fusionseg.segmenter import Segmenter, upsample_rows
+from fusionseg.segmenter import Segmenter
 
 COCO = ("coco128_seg", "coco2017_mini")
 
@@ -51,11 +51,7 @@ def main() -> None:
             for c in present:
                 gt = target == c
                 for key, q in (("fusion (right name)", c), ("fusion (another novel name)", swap[c])):
-                    lg = seg.logits_from(enc, [names[q - 1]])
-                    fg = torch.empty(H, W, dtype=torch.bool)
-                    for y0, y1, band in upsample_rows(lg, (W, H), max(1, 4_000_000 // W)):
-                        fg[y0:y1] = band[0].sigmoid() >= seg.threshold
-                    meters[key].update(c, fg, gt, ignore)
+                    meters[key].update(c, seg.foreground(enc, names[q - 1]), gt, ignore)
                 meters["whole image"].update(c, torch.ones(H, W, dtype=torch.bool), gt, ignore)
                 n_eps += 1
     print(f"fold {a.fold}: {n_eps} episodes on held-out COCO images, novel classes {novel}, "

@@ -134,6 +134,16 @@ class Segmenter:
         h, w = encoded.valid
         return lg[0, :, :h, :w].float()
 
+    def foreground(self, encoded: "EncodedImage", name: str, threshold: float | None = None) -> torch.Tensor:
+        """One name alone -> ``(H, W)`` bool mask at the original size (sigmoid >= threshold), in row bands."""
+        thr = self.threshold if threshold is None else threshold
+        W, H = encoded.orig
+        lg = self.logits_from(encoded, [name])
+        fg = torch.empty(H, W, dtype=torch.bool)
+        for y0, y1, band in upsample_rows(lg, (W, H), max(1, 4_000_000 // max(1, W))):
+            fg[y0:y1] = band[0].sigmoid().cpu() >= thr
+        return fg
+
     def logits(self, image, class_names: Sequence[str]) -> tuple[torch.Tensor, tuple[int, int]]:
         """-> (logits ``(N, h, w)`` at the working size, original (W, H))."""
         e = self.encode(image)

@@ -70,7 +70,6 @@ def evaluate_episodes(segmenter, dataset, classes: Sequence[int] | None = None, 
     the dataset's novel classes if it has folds, else every class with an episode); FB-IoU the mean of the
     foreground and background IoU.
     """
-    from ..segmenter import upsample_rows
     from .metrics import EpisodeMeter
     classes = list(classes or getattr(dataset, "novel_classes", None) or [])
     eps = make_episodes(dataset, classes or None, n)
@@ -91,11 +90,7 @@ def evaluate_episodes(segmenter, dataset, classes: Sequence[int] | None = None, 
         target = torch.from_numpy(s.mask.astype(np.int64))
         ignore = target == IGNORE
         for c in cs:
-            lg = segmenter.logits_from(enc, [names[c - 1]])
-            H, W = s.mask.shape
-            fg = torch.empty(H, W, dtype=torch.bool)
-            for y0, y1, band in upsample_rows(lg, (W, H), max(1, 4_000_000 // max(1, W))):
-                fg[y0:y1] = band[0].sigmoid().cpu() >= thr
+            fg = segmenter.foreground(enc, names[c - 1], thr)
             meter.update(c, fg, target == c, ignore)
             if len(examples) < keep_examples:
                 examples.append((s.image, (target == c).numpy().astype(np.uint8) + ignore.numpy() * 254,
@@ -125,7 +120,6 @@ def _table(rep: dict) -> str:
 
 
 def _figure(examples, path) -> None:
-    from PIL import Image
     from ..data.io import save_png_atomic
     from ..visualize import grid, overlay
     rows = []
