@@ -106,6 +106,12 @@ class FolderDataset:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def every_pixel_labelled(self) -> bool:
+        """True when the manifest declares no background value (MSRC, CamVid): every pixel is one of the
+        classes, so whole-vocabulary prediction takes the plain arg-max instead of a "none" threshold."""
+        return not self.meta.get("background_values", [])
+
     def subset(self, ids: Sequence[str]) -> "FolderDataset":
         return FolderDataset(self.root, ids)
 

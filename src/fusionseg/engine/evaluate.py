@@ -22,8 +22,7 @@ def evaluate_semantic(segmenter, dataset, class_names: Sequence[str] | None = No
     """
     names = list(class_names or dataset.class_names)
     if background is None:
-        meta = getattr(dataset, "meta", {})
-        background = not meta.get("background_values", [0])
+        background = bool(getattr(dataset, "every_pixel_labelled", False))
     meter = SemanticMeter(len(names) + 1, ignore_index=IGNORE)
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     t0 = time.time()

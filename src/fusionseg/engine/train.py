@@ -169,7 +169,7 @@ def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tenso
     head.eval()
     out = {}
     for (ds, cf), text in zip(val_sets, text_by_dataset):
-        argmax = not ds.meta.get("background_values", [0])
+        argmax = ds.every_pixel_labelled
         k = len(ds.class_names)
         meter = SemanticMeter(k + 1, ignore_index=IGNORE)
         for s in range(0, len(ds), batch_size):
