@@ -1,12 +1,17 @@
 """Segmenter: image(s) + class names -> label map and scores, with the expensive parts cached.
 
-Text embeddings are cached per (name, templates); images are resized so the longer side is the model's
-working size (default: the training size), run once through the frozen encoder, and the logits are
-upsampled back to the original size in row bands, so a 10,000 x 8,000 photo costs little more memory
-than its label map.
+Text embeddings are cached in a bounded LRU keyed by (text-encoder fingerprint, templates, name); images are
+resized so the longer side is the model's working size (default: the training size), run once through the
+frozen encoder, and the logits are upsampled back to the original size in row bands, so a 10,000 x 8,000
+photo costs little more memory than its label map. Above a working size of ``AUTO_TILE_ABOVE`` px (or when
+``tile`` is asked for) the image is run in overlapping windows whose low-resolution logits are blended, so
+memory stays bounded whatever the working size. Several images of one padded shape run as one batch
+(:meth:`Segmenter.predict_batch`), with the same result as one at a time.
 """
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +25,10 @@ from .data.transforms import pad_to, resize_image, round_up, to_tensor
 from .model.checkpoint import load_model
 
 MAX_CLASSES = 1000
+#: Working sizes (longer side, px) above this are tiled automatically (memory), unless ``tile=0``.
+AUTO_TILE_ABOVE = 1536
+#: Window side (px, at the working size) used by automatic tiling.
+DEFAULT_TILE = 512
 
 
 @dataclass
@@ -29,6 +38,18 @@ class EncodedImage:
 
     visual: list
     padded: tuple[int, int]
+    valid: tuple[int, int]
+    orig: tuple[int, int]
+
+
+@dataclass
+class Prepared:
+    """One image ready for the encoder (CPU, picklable: made in DataLoader workers).
+
+    ``x``: normalised ``(1, 3, Hp, Wp)`` float32, padded at the bottom/right to the encoder's multiple;
+    ``valid``: (h, w) of the resized image inside it; ``orig``: (W, H) of the original image."""
+
+    x: torch.Tensor
     valid: tuple[int, int]
     orig: tuple[int, int]
 
@@ -46,9 +67,14 @@ class Prediction:
         """Image size and, per class, pixel fraction and mean score over its pixels."""
         h, w = self.labels.shape
         total = h * w
-        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names) + 1)
-        sums = np.bincount(self.labels.ravel(), weights=self.scores.ravel().astype(np.float64),
-                           minlength=len(self.class_names) + 1)
+        n = len(self.class_names) + 1
+        counts = np.zeros(n, np.int64)
+        sums = np.zeros(n, np.float64)
+        rows = max(1, 2_000_000 // max(1, w))  # in row bands: no full-size float64 copy of the scores
+        for y0 in range(0, h, rows):
+            lab = self.labels[y0:y0 + rows].ravel()
+            counts += np.bincount(lab, minlength=n)[:n]
+            sums += np.bincount(lab, weights=self.scores[y0:y0 + rows].ravel(), minlength=n)[:n]
         per = {}
         for k, name in enumerate(self.class_names, start=1):
             per[name] = {"label": k, "pixel_fraction": round(counts[k] / total, 6),
@@ -76,22 +102,79 @@ def parse_class_names(spec: str | Sequence[str], limit: int = MAX_CLASSES) -> li
     return names
 
 
+class TextCache:
+    """A bounded LRU of text embeddings keyed by (text-encoder fingerprint, templates, name).
+
+    The key names everything the embedding depends on, so one cache may be shared by several models: two
+    models with the same text encoder and templates reuse each other's entries, others never collide.
+    Entries are ``(dim,)`` float tensors; ``hits``/``misses`` count look-ups (for benchmarks and tests).
+    """
+
+    def __init__(self, maxsize: int = 4096):
+        if maxsize < 1:
+            raise ValueError(f"text cache size must be at least 1, got {maxsize}")
+        self.maxsize = int(maxsize)
+        self._d: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(fingerprint: str, templates, name: str) -> tuple:
+        t = templates if isinstance(templates, str) or templates is None else tuple(str(s) for s in templates)
+        return (str(fingerprint), t, name)
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        v = self._d.get(key)
+        if v is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._d.move_to_end(key)
+        return v
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.maxsize:
+            self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._d
+
+
 class Segmenter:
     """Predictor over a trained Fusioner.
 
     >>> seg = Segmenter.from_pretrained("default")
     >>> pred = seg.predict("photo.jpg", ["cat", "sofa", "potted plant"])
     >>> pred.labels.shape  # (H, W) of the photo
+
+    ``tile``: window side in px at the working size for sliding-window inference (``None``: automatic, only
+    above ``AUTO_TILE_ABOVE`` px; ``0``: never). ``text_cache``: a :class:`TextCache` (shared between
+    segmenters if you like); by default a private one of ``text_cache_size`` entries.
     """
 
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
-                 threshold: float | None = None):
+                 threshold: float | None = None, tile: int | None = None, text_cache: TextCache | None = None,
+                 text_cache_size: int = 4096):
         self.model = model.eval()
         self.meta = meta
         self.device = torch.device(device)
         self.size = int(size or meta.get("image_size", 320))
+        if self.size < 8:
+            raise ValueError(f"working size must be at least 8 px, got {self.size}")
         self.threshold = float(meta.get("threshold", 0.5) if threshold is None else threshold)
-        self._text_cache: dict[str, torch.Tensor] = {}
+        if tile is not None and tile != 0 and tile < 64:
+            raise ValueError(f"tile must be 0 (off) or at least 64 px, got {tile}")
+        self.tile = tile
+        self.text_cache = text_cache if text_cache is not None else TextCache(text_cache_size)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", device: str | None = None, **kw) -> "Segmenter":
@@ -101,17 +184,27 @@ class Segmenter:
         model, meta = load_model(name_or_path, device)
         return cls(model, meta, device, **kw)
 
-    def text_embeddings(self, names: Sequence[str]) -> torch.Tensor:
-        missing = [n for n in names if n not in self._text_cache]
-        if missing:
-            emb = self.model.encode_text(missing)
-            for n, e in zip(missing, emb):
-                self._text_cache[n] = e
-        return torch.stack([self._text_cache[n] for n in names]).to(self.device)
+    # ------------------------------------------------------------------------------------------ text
+    def _text_key(self, name: str) -> tuple:
+        return TextCache.key(self.model.text_encoder.spec.fingerprint, self.model.templates, name)
 
-    @torch.no_grad()
-    def encode(self, image) -> "EncodedImage":
-        """Load, resize (longer side = working size), pad and run the frozen image encoder once."""
+    def text_embeddings(self, names: Sequence[str]) -> torch.Tensor:
+        """-> ``(N, C_t)`` on the model's device; names missing from the LRU are encoded in one call."""
+        keys = [self._text_key(n) for n in names]
+        got = {k: self.text_cache.get(k) for k in dict.fromkeys(keys)}
+        missing = [k for k, v in got.items() if v is None]
+        if missing:
+            emb = self.model.encode_text([k[2] for k in missing])
+            for k, e in zip(missing, emb):
+                got[k] = e
+                self.text_cache.put(k, e)
+        if not keys:
+            return torch.zeros(0, self.model.text_encoder.dim, device=self.device)
+        return torch.stack([got[k] for k in keys]).to(self.device)
+
+    # ------------------------------------------------------------------------------------------ images
+    def prepare(self, image) -> Prepared:
+        """Load, resize (longer side = working size), normalise and pad; CPU only (safe in worker processes)."""
         # Decode at up to twice the working size (JPEG draft mode keeps huge photos cheap), then one
         # antialiased resize as in training, so the result hardly depends on how the file was decoded.
         img, orig = load_image_with_size(image, max_side=2 * max(self.size, 1))
@@ -121,18 +214,26 @@ class Segmenter:
         h, w = x.shape[-2:]
         mult = getattr(enc, "size_multiple", 32)
         x = pad_to(x, round_up(h, mult), round_up(w, mult))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            visual = self.model.encode_image(x.to(self.device))
-        return EncodedImage(visual, (x.shape[-2], x.shape[-1]), (h, w), orig)
+        return Prepared(x, (h, w), orig)
 
-    @torch.no_grad()
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    @torch.inference_mode()
+    def encode(self, image) -> "EncodedImage":
+        """Load, resize (longer side = working size), pad and run the frozen image encoder once."""
+        p = image if isinstance(image, Prepared) else self.prepare(image)
+        with self._autocast():
+            visual = self.model.encode_image(p.x.to(self.device))
+        return EncodedImage(visual, (p.x.shape[-2], p.x.shape[-1]), p.valid, p.orig)
+
+    @torch.inference_mode()
     def logits_from(self, encoded: "EncodedImage", class_names: Sequence[str]) -> torch.Tensor:
         """-> logits ``(N, h, w)`` at the working size, cropped to the image (padding removed)."""
         text = self.text_embeddings(list(class_names))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            lg = self.model.head(encoded.visual, text, encoded.padded)
-        h, w = encoded.valid
-        return lg[0, :, :h, :w].float()
+        with self._autocast():
+            lg = head_logits(self.model.head, encoded.visual, text, encoded.padded, encoded.valid)
+        return lg[0].float()
 
     def foreground(self, encoded: "EncodedImage", name: str, threshold: float | None = None) -> torch.Tensor:
         """One name alone -> ``(H, W)`` bool mask at the original size (sigmoid >= threshold), in row bands."""
@@ -149,6 +250,21 @@ class Segmenter:
         e = self.encode(image)
         return self.logits_from(e, class_names), e.orig
 
+    def _check(self, class_names, threshold) -> tuple[list[str], float]:
+        names = parse_class_names(class_names)
+        thr = self.threshold if threshold is None else float(threshold)
+        if not 0.0 <= thr <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {thr}")
+        return names, thr
+
+    def _tile_for(self, p: Prepared) -> int:
+        """Window side for this image, or 0 for one pass over the whole image."""
+        longer = max(p.valid)
+        if self.tile == 0:
+            return 0
+        t = self.tile if self.tile is not None else (DEFAULT_TILE if longer > AUTO_TILE_ABOVE else 0)
+        return t if t and longer > t else 0
+
     def predict(self, image, class_names: Sequence[str] | str, threshold: float | None = None,
                 background: bool = False) -> Prediction:
         """Label every pixel with one of ``class_names`` or 0 ("none of these").
@@ -156,37 +272,139 @@ class Segmenter:
         A pixel takes the arg-max class if its sigmoid score passes ``threshold`` (default from the checkpoint,
         0.5); with ``background=True`` the plain arg-max is used (name a "background" class yourself).
         """
-        names = parse_class_names(class_names)
-        thr = self.threshold if threshold is None else float(threshold)
-        if not 0.0 <= thr <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {thr}")
-        lg, (W, H) = self.logits(image, names)
-        labels, scores = labels_from_logits(lg, (W, H), thr, background)
-        return Prediction(labels, scores, list(names))
+        names, thr = self._check(class_names, threshold)
+        p = image if isinstance(image, Prepared) else self.prepare(image)
+        return self.predict_batch([p], names, thr, background)[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, images: Sequence, class_names: Sequence[str] | str, threshold: float | None = None,
+                      background: bool = False) -> list[Prediction]:
+        """:meth:`predict` for several images: images of one padded shape go through the encoder and the
+        fusion head as one batch (same results as one at a time; shapes never mix, since padding would
+        change the attention). ``images``: anything :meth:`predict` takes, or :class:`Prepared`."""
+        names, thr = self._check(class_names, threshold)
+        preps = [im if isinstance(im, Prepared) else self.prepare(im) for im in images]
+        text = self.text_embeddings(names)
+        out: list[Prediction | None] = [None] * len(preps)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(preps):
+            if self._tile_for(p):
+                lr, region = self._tiled_lowres(p, text, self._tile_for(p))
+                labels, scores = labels_from_logits(lr, p.orig, thr, background, region=region)
+                out[i] = Prediction(labels, scores, list(names))
+            else:
+                groups.setdefault(tuple(p.x.shape[-2:]), []).append(i)
+        for shape, idx in groups.items():
+            x = torch.cat([preps[i].x for i in idx]).to(self.device)
+            with self._autocast():
+                visual = self.model.encode_image(x)
+                low = self.model.head(visual, text)  # (B, N, Hp/os, Wp/os): decoder resolution
+            for b, i in enumerate(idx):
+                lg = upsample_crop(low[b:b + 1], shape, preps[i].valid)[0].float()
+                labels, scores = labels_from_logits(lg, preps[i].orig, thr, background)
+                out[i] = Prediction(labels, scores, list(names))
+        return out  # type: ignore[return-value]
+
+    def _tiled_lowres(self, p: Prepared, text: torch.Tensor, tile: int) -> tuple[torch.Tensor, tuple[float, float]]:
+        """Sliding windows of ``tile`` px (overlap a quarter) over the working-size image; low-resolution
+        logits blended with linear ramps. -> (logits ``(N, hc, wc)`` at the decoder's stride, the image's
+        (w, h) in those canvas pixels)."""
+        enc, cfg = self.model.image_encoder, self.model.cfg
+        a = math.lcm(int(getattr(enc, "size_multiple", 32)), int(cfg.token_stride))
+        os_ = int(cfg.output_stride)
+        h, w = p.valid
+        x = pad_to(p.x, round_up(p.x.shape[-2], a), round_up(p.x.shape[-1], a))
+        Hp, Wp = x.shape[-2:]
+        t = round_up(max(int(tile), a), a)
+        ys, xs = _starts(Hp, t, a), _starts(Wp, t, a)
+        th, tw = min(t, Hp), min(t, Wp)
+        n = text.shape[0]
+        canvas = torch.zeros(n, Hp // os_, Wp // os_)
+        wsum = torch.zeros(1, Hp // os_, Wp // os_)
+        ramp = max(1, (t // 4) // os_)
+        wy, wx = _ramp(th // os_, ramp), _ramp(tw // os_, ramp)
+        wt = (wy[:, None] * wx[None, :])[None]
+        wins = [(y0, x0) for y0 in ys for x0 in xs]
+        for k in range(0, len(wins), 4):  # a few windows per batch: bounded memory
+            chunk = wins[k:k + 4]
+            xb = torch.cat([x[..., y0:y0 + th, x0:x0 + tw] for y0, x0 in chunk]).to(self.device)
+            with self._autocast():
+                low = self.model.head(self.model.encode_image(xb), text)
+            low = low.float().cpu()
+            if tuple(low.shape[-2:]) != (th // os_, tw // os_):
+                low = F.interpolate(low, size=(th // os_, tw // os_), mode="bilinear", align_corners=False)
+            for (y0, x0), lg in zip(chunk, low):
+                sl = (slice(None), slice(y0 // os_, (y0 + th) // os_), slice(x0 // os_, (x0 + tw) // os_))
+                canvas[sl] += lg * wt
+                wsum[sl] += wt
+        return canvas / wsum, (w / os_, h / os_)
 
 
-def upsample_rows(lg: torch.Tensor, size: tuple[int, int], rows: int):
+def _starts(total: int, tile: int, align: int) -> list[int]:
+    """Window starts (multiples of ``align``) covering ``total`` with windows of ``tile``, overlap >= tile/4."""
+    if total <= tile:
+        return [0]
+    step = max(align, (tile - tile // 4) // align * align)
+    n = -(-(total - tile) // step) + 1
+    starts = sorted({min(total - tile, round(i * (total - tile) / (n - 1) / align) * align) for i in range(n)})
+    return starts
+
+
+def _ramp(n: int, r: int) -> torch.Tensor:
+    """``(n,)`` weights rising linearly over ``r`` cells at both ends (never zero), 1 in the middle."""
+    i = torch.arange(n, dtype=torch.float32)
+    return torch.clamp(torch.minimum(i + 0.5, n - i - 0.5) / r, max=1.0)
+
+
+def head_logits(head, visual, text: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
+    """Logits ``(B, N, h, w)`` at the working size, cropped to ``valid``: the head's low-resolution output
+    upsampled as ``FusionHead.forward(..., out_size=padded)`` does, then cropped."""
+    return upsample_crop(head(visual, text), padded, valid)
+
+
+def upsample_crop(low: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
+    """``(B, N, hl, wl)`` -> ``(B, N, h, w)``: bilinear to ``padded`` (align_corners=False), cropped to ``valid``.
+
+    """
+    H, W = padded
+    h, w = valid
+    if tuple(low.shape[-2:]) == (H, W):
+        return low[..., :h, :w]
+    return F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)[..., :h, :w]
+
+
+def upsample_rows(lg: torch.Tensor, size: tuple[int, int], rows: int, region: tuple[float, float] | None = None):
     """Yield (y0, y1, band) with ``band`` = logits ``(N, h, w)`` bilinearly resampled to rows y0:y1 of an image
-    of ``size`` = (W, H); bands keep memory bounded for huge images."""
+    of ``size`` = (W, H); bands keep memory bounded for huge images. ``region`` = (w, h) in ``lg`` pixels that
+    the image covers (default: all of ``lg``; smaller when ``lg`` also holds padding)."""
     W, H = size
     src = lg[None].float()
-    xs = (torch.arange(W, dtype=torch.float32) + 0.5) / W * 2 - 1
+    hs, ws = lg.shape[-2:]
+    rw, rh = region if region is not None else (ws, hs)
+    xs = ((torch.arange(W, dtype=torch.float32) + 0.5) / W * rw) / ws * 2 - 1
     for y0 in range(0, H, rows):
         y1 = min(H, y0 + rows)
-        ys = (torch.arange(y0, y1, dtype=torch.float32) + 0.5) / H * 2 - 1
+        ys = ((torch.arange(y0, y1, dtype=torch.float32) + 0.5) / H * rh) / hs * 2 - 1
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
         grid = torch.stack([gx, gy], -1)[None].to(src.device)
         yield y0, y1, F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
 
 
-def labels_from_logits(lg: torch.Tensor, size: tuple[int, int], threshold: float, background: bool = False):
-    """logits ``(N, h, w)`` -> (labels ``(H, W)`` uint16, scores ``(H, W)`` float32) at ``size`` = (W, H)."""
+def labels_from_logits(lg: torch.Tensor, size: tuple[int, int], threshold: float, background: bool = False,
+                       region: tuple[float, float] | None = None):
+    """logits ``(N, h, w)`` -> (labels ``(H, W)`` uint16, scores ``(H, W)`` float32) at ``size`` = (W, H).
+
+    When ``size`` is the logits' own size the resampling is skipped (it would be the identity)."""
     W, H = size
     n = lg.shape[0]
     labels = np.empty((H, W), dtype=np.uint16)
     scores = np.empty((H, W), dtype=np.float32)
     rows = max(1, int(4_000_000 // max(1, W * n)))  # rows per band: bounded memory
-    for y0, y1, up in upsample_rows(lg, size, rows):
+    if region is None and tuple(lg.shape[-2:]) == (H, W):
+        bands = ((y0, min(H, y0 + rows), lg[:, y0:y0 + rows].float()) for y0 in range(0, H, rows))
+    else:
+        bands = upsample_rows(lg, size, rows, region)
+    for y0, y1, up in bands:
         best, idx = up.max(0)
         prob = best.sigmoid()
         lab = idx + 1
