@@ -51,36 +51,123 @@ def _check_writable(folder: Path) -> None:
         raise CLIError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
 
 
-def cmd_segment(a: argparse.Namespace) -> int:
+#: The overlay picture is drawn at most this many px on its longer side (the label PNG stays full size).
+OVERLAY_MAX_SIDE = 4096
+
+
+class _SegmentInputs:
+    """Map-style dataset for the DataLoader: decoding and resizing run in worker processes.
+
+    item i -> (i, Prepared or None, overlay picture or None, error line or None); errors travel as text so the
+    CLI can print one line instead of a worker traceback."""
+
+    def __init__(self, paths: list[Path], prepare, overlay: bool):
+        self.paths, self.prepare, self.overlay = paths, prepare, overlay
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .data.io import load_image
+        try:
+            prep = self.prepare(self.paths[i])
+            ov = load_image(self.paths[i], max_side=OVERLAY_MAX_SIDE) if self.overlay else None
+            return i, prep, ov, None
+        except (ValueError, OSError) as e:
+            return i, None, None, (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _identity(x):
+    return x
+
+
+def _one_thread(_worker_id: int) -> None:
     import torch
-    from .data.io import load_image, save_png_atomic, write_text_atomic
+    torch.set_num_threads(1)
+
+
+def _write_outputs(p: Path, out: Path, pred, ov_img, names: list[str], info_extra: dict, overlay: bool) -> str:
+    """Label PNG (full size), overlay (bounded size), JSON; each written atomically. -> the line to print."""
+    import numpy as np
+    from PIL import Image
+    from .data.io import save_png_atomic, write_text_atomic
+    from .visualize import label_png, overlay as draw_overlay
+    lab_img = label_png(pred.labels, len(names))
+    ov = None
+    if overlay and ov_img is not None:
+        labels = pred.labels
+        if ov_img.size != (labels.shape[1], labels.shape[0]):  # huge image: overlay drawn at bounded size
+            labels = np.asarray(Image.fromarray(labels).resize(ov_img.size, Image.NEAREST))
+        ov = draw_overlay(ov_img, labels, names)
+    info = pred.summary()
+    info.update(info_extra)
+    save_png_atomic(lab_img, out / f"{p.stem}.png")
+    del lab_img
+    if ov is not None:
+        save_png_atomic(ov, out / f"{p.stem}_overlay.png")
+    write_text_atomic(json.dumps(info, indent=1), out / f"{p.stem}.json")
+    found = ", ".join(f"{n} {v['pixel_fraction']:.1%}" for n, v in info["per_class"].items() if v["pixel_fraction"] > 0)
+    return (f"{p.name}: {found or 'none of the classes'} -> {out / (p.stem + '.png')}"
+            f"{'' if ov is None else ', ' + str(out / (p.stem + '_overlay.png'))}, {out / (p.stem + '.json')}")
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    """Decode in DataLoader workers, batch images of one padded shape, write files in a writer thread."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+    import torch
+    from torch.utils.data import DataLoader
     from .segmenter import Segmenter, parse_class_names
-    from .visualize import label_png, overlay
 
     names = parse_class_names(a.classes)
+    if a.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {a.batch_size}")
+    if a.workers < 0:
+        raise CLIError(f"--workers must be 0 or more, got {a.workers}")
+    if a.tile is not None and a.tile != 0 and a.tile < 64:
+        raise CLIError(f"--tile must be 0 (off) or at least 64 px, got {a.tile}")
+    if a.size is not None and not 8 <= a.size <= 16384:
+        raise CLIError(f"--size must be between 8 and 16384 px, got {a.size}")
     paths = _image_paths(a.images)
     out = Path(a.out)
     _check_writable(out)
     if a.threads:
         torch.set_num_threads(a.threads)
-    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size)
-    for p in paths:
-        t0 = time.time()
-        img = load_image(p)  # decoded once: EXIF orientation applied, used for prediction and overlay
-        pred = seg.predict(img, names, threshold=a.threshold, background=a.background)
-        # Everything computed first, then the three files written atomically.
-        lab_img = label_png(pred.labels, len(names))
-        ov = overlay(img, pred.labels, names) if not a.no_overlay else None
-        info = pred.summary()
-        info.update(image=str(p), model=str(a.model), threshold=seg.threshold if a.threshold is None else a.threshold,
-                    seconds=round(time.time() - t0, 3))
-        save_png_atomic(lab_img, out / f"{p.stem}.png")
-        if ov is not None:
-            save_png_atomic(ov, out / f"{p.stem}_overlay.png")
-        write_text_atomic(json.dumps(info, indent=1), out / f"{p.stem}.json")
-        found = ", ".join(f"{n} {v['pixel_fraction']:.1%}" for n, v in info["per_class"].items() if v["pixel_fraction"] > 0)
-        print(f"{p.name}: {found or 'none of the classes'} -> {out / (p.stem + '.png')}"
-              f"{'' if ov is None else ', ' + str(out / (p.stem + '_overlay.png'))}, {out / (p.stem + '.json')}")
+    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile)
+    thr = seg.threshold if a.threshold is None else a.threshold
+    workers = a.workers if len(paths) >= 4 else 0  # starting processes does not pay for a few images
+    ds = _SegmentInputs(paths, seg.preparer(), not a.no_overlay)
+    loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
+                        worker_init_fn=_one_thread if workers else None,
+                        prefetch_factor=max(2, a.batch_size) if workers else None)
+    pending: collections.deque = collections.deque()
+    buckets: dict[tuple, list] = {}
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            print(pending.popleft().result())  # re-raises a writer error here
+
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        def flush(items: list) -> None:
+            t0 = time.time()
+            preds = seg.predict_batch([it[1] for it in items], names, threshold=a.threshold, background=a.background)
+            secs = round((time.time() - t0) / len(items), 3)
+            for (i, _, ov_img), pred in zip(items, preds):
+                extra = dict(image=str(paths[i]), model=str(a.model), threshold=thr, seconds=secs)
+                pending.append(writer.submit(_write_outputs, paths[i], out, pred, ov_img, names, extra,
+                                             not a.no_overlay))
+            drain(2 * a.batch_size)  # bounded queue: memory stays flat however many images
+
+        for i, prep, ov_img, err in loader:
+            if err is not None:
+                raise CLIError(err)
+            key = tuple(prep.x.shape[-2:])
+            buckets.setdefault(key, []).append((i, prep, ov_img))
+            if len(buckets[key]) >= a.batch_size:
+                flush(buckets.pop(key))
+        for key in list(buckets):
+            flush(buckets.pop(key))
+        drain(0)
     return 0
 
 
@@ -178,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None, help="working size: longer image side in px (default: the model's)")
     s.add_argument("--no-overlay", action="store_true", help="skip the overlay picture")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    s.add_argument("--batch-size", type=int, default=8,
+                   help="images of one shape run through the model together (default 8; 1 = one at a time)")
+    s.add_argument("--workers", type=int, default=2,
+                   help="processes decoding images ahead of the model (default 2; 0 = in the main process)")
+    s.add_argument("--tile", type=int, default=None,
+                   help="sliding-window side in px at the working size (default: automatic above 1536 px; 0 = off)")
     s.set_defaults(func=cmd_segment)
 
     t = sub.add_parser("train", help="train the fusion model on folder datasets (cached frozen features)")

@@ -149,6 +149,27 @@ class TextCache:
         return key in self._d
 
 
+@dataclass(frozen=True)
+class Preparer:
+    """image -> :class:`Prepared` for a working ``size``, the encoder's ``mean``/``std`` and padding ``multiple``."""
+
+    size: int
+    mean: tuple
+    std: tuple
+    multiple: int = 32
+
+    def __call__(self, image) -> Prepared:
+        # Decode at up to twice the working size (JPEG draft mode keeps huge photos cheap), then one
+        # antialiased resize as in training, so the result hardly depends on how the file was decoded.
+        img, orig = load_image_with_size(image, max_side=2 * max(self.size, 1))
+        img = resize_image(img, self.size)
+        x = to_tensor(img)[None]
+        x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+        h, w = x.shape[-2:]
+        x = pad_to(x, round_up(h, self.multiple), round_up(w, self.multiple))
+        return Prepared(x, (h, w), orig)
+
+
 class Segmenter:
     """Predictor over a trained Fusioner.
 
@@ -204,17 +225,13 @@ class Segmenter:
 
     # ------------------------------------------------------------------------------------------ images
     def prepare(self, image) -> Prepared:
-        """Load, resize (longer side = working size), normalise and pad; CPU only (safe in worker processes)."""
-        # Decode at up to twice the working size (JPEG draft mode keeps huge photos cheap), then one
-        # antialiased resize as in training, so the result hardly depends on how the file was decoded.
-        img, orig = load_image_with_size(image, max_side=2 * max(self.size, 1))
-        img = resize_image(img, self.size)
+        """Load, resize (longer side = working size), normalise and pad; CPU only (see :class:`Preparer`)."""
+        return self.preparer()(image)
+
+    def preparer(self) -> "Preparer":
+        """A small picklable callable doing :meth:`prepare` (for DataLoader worker processes)."""
         enc = self.model.image_encoder
-        x = enc.normalize(to_tensor(img)[None])
-        h, w = x.shape[-2:]
-        mult = getattr(enc, "size_multiple", 32)
-        x = pad_to(x, round_up(h, mult), round_up(w, mult))
-        return Prepared(x, (h, w), orig)
+        return Preparer(self.size, tuple(enc.mean), tuple(enc.std), int(getattr(enc, "size_multiple", 32)))
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
