@@ -1,0 +1,130 @@
+"""Shared helpers for the benchmark scripts: argument checks, A/B interleaved timing, model builders.
+
+Every script prints medians measured in one run, with the peer timed in the same loop (A, B, A, B, ...),
+so machine load hits both sides alike; the ratios are what to read, the absolute numbers move with load.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT / "src"))
+
+
+def shared_data() -> Path:
+    """The shared data folder: ``shared/data`` beside the checkout or beside one of its parents."""
+    for parent in ROOT.parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return ROOT.parent / "shared" / "data"
+
+
+def fail(msg: str) -> "None":
+    """Bad input: one line on stderr, exit code 2 (as the CLI does)."""
+    print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def int_list(spec: str, what: str, lo: int, hi: int) -> list[int]:
+    """'1,5,20' -> [1, 5, 20], every value in [lo, hi], or exit 2 naming the bad value."""
+    try:
+        vals = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{what} must be comma-separated integers, got {spec!r}")
+    if not vals:
+        fail(f"{what} is empty")
+    for v in vals:
+        if not lo <= v <= hi:
+            fail(f"{what} {v} is out of range: give values from {lo} to {hi}")
+    return vals
+
+
+def in_range(v: int, what: str, lo: int, hi: int) -> int:
+    if not lo <= v <= hi:
+        fail(f"{what} {v} is out of range: give a value from {lo} to {hi}")
+    return v
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for both sides (default 2)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per side (median reported)")
+    return ap
+
+
+def setup(a: argparse.Namespace) -> None:
+    in_range(a.threads, "--threads", 1, 256)
+    in_range(a.repeats, "--repeats", 1, 1000)
+    torch.set_num_threads(a.threads)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, timed in turn (A, B, A, B, ...) after ``warmup`` untimed calls each."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class RandomText(torch.nn.Module):
+    """A text encoder stand-in: a fixed random unit vector per name (for speed runs with cached text)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        from fusionseg.encoders.base import EncoderSpec
+        self.dim = dim
+        self.spec = EncoderSpec(f"random-text-{dim}", "benchmark", f"random{dim}")
+
+    def encode(self, names, templates=None):
+        g = torch.Generator().manual_seed(0)
+        out = torch.randn(len(names), self.dim, generator=g)
+        return torch.nn.functional.normalize(out, dim=-1)
+
+
+def clip_vit_b16_folder(folder: Path) -> Path:
+    """Save a randomly initialised CLIP ViT-B/16 vision tower (+ 512-d projection) as a transformers folder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                               num_attention_heads=12, patch_size=16, image_size=224, projection_dim=512)
+        CLIPVisionModelWithProjection(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+def vit_b16_paper_segmenter(folder: Path, size: int):
+    """Segmenter over an ``hf:`` CLIP ViT-B/16 (random weights) + the ``paper`` preset head (random weights),
+    text from a cached random 512-d stand-in."""
+    from fusionseg.encoders.base import build_image_encoder
+    from fusionseg.model.fusioner import FusionHead, Fusioner, FusionerConfig
+    from fusionseg.segmenter import Segmenter
+    enc = build_image_encoder(f"hf:{clip_vit_b16_folder(folder)}")
+    text = RandomText(512)
+    torch.manual_seed(0)
+    head = FusionHead(FusionerConfig.from_preset("paper", enc.strides, enc.channels, text.dim)).eval()
+    return Segmenter(Fusioner(enc, text, head), {"image_size": size}, "cpu", size=size)
+
+
+def default_segmenter(size: int):
+    from fusionseg.segmenter import Segmenter
+    return Segmenter.from_pretrained("default", device="cpu", size=size)
