@@ -28,7 +28,9 @@ MAX_CLASSES = 1000
 #: Working sizes (longer side, px) above this are tiled automatically (memory), unless ``tile=0``.
 AUTO_TILE_ABOVE = 1536
 #: Window side (px, at the working size) used by automatic tiling.
-DEFAULT_TILE = 512
+DEFAULT_TILE = 768
+#: Fraction of a window shared with its neighbour (features are kept up to the middle of the overlap).
+OVERLAP = 0.5
 
 
 @dataclass
@@ -322,55 +324,57 @@ class Segmenter:
                 out[i] = Prediction(labels, scores, list(names))
         return out  # type: ignore[return-value]
 
+    @torch.inference_mode()
     def _tiled_lowres(self, p: Prepared, text: torch.Tensor, tile: int) -> tuple[torch.Tensor, tuple[float, float]]:
-        """Sliding windows of ``tile`` px (overlap a quarter) over the working-size image; low-resolution
-        logits blended with linear ramps. -> (logits ``(N, hc, wc)`` at the decoder's stride, the image's
-        (w, h) in those canvas pixels)."""
+        """Sliding-window encoding: the frozen encoder runs on overlapping windows of ``tile`` px (its activations
+        are what grows with the image), each window's feature maps are kept where it owns the image (up to the
+        middle of each overlap, away from its padded borders) and stitched; the fusion transformer, decoder and
+        head then run once over the whole stitched grid, so every class still competes across the whole image.
+        -> (logits ``(N, hc, wc)`` at the decoder's stride, the image's (w, h) in those canvas pixels)."""
         enc, cfg = self.model.image_encoder, self.model.cfg
-        a = math.lcm(int(getattr(enc, "size_multiple", 32)), int(cfg.token_stride))
+        a = math.lcm(int(getattr(enc, "size_multiple", 32)), int(cfg.token_stride), *map(int, enc.strides))
         os_ = int(cfg.output_stride)
         h, w = p.valid
         x = pad_to(p.x, round_up(p.x.shape[-2], a), round_up(p.x.shape[-1], a))
         Hp, Wp = x.shape[-2:]
         t = round_up(max(int(tile), a), a)
-        ys, xs = _starts(Hp, t, a), _starts(Wp, t, a)
         th, tw = min(t, Hp), min(t, Wp)
-        n = text.shape[0]
-        canvas = torch.zeros(n, Hp // os_, Wp // os_)
-        wsum = torch.zeros(1, Hp // os_, Wp // os_)
-        ramp = max(1, (t // 4) // os_)
-        wy, wx = _ramp(th // os_, ramp), _ramp(tw // os_, ramp)
-        wt = (wy[:, None] * wx[None, :])[None]
-        wins = [(y0, x0) for y0 in ys for x0 in xs]
+        ys, xs = _starts(Hp, th, a), _starts(Wp, tw, a)
+        by, bx = _owned(ys, th, Hp, a), _owned(xs, tw, Wp, a)
+        maps: list[torch.Tensor] | None = None
+        wins = [(j, i) for j in range(len(ys)) for i in range(len(xs))]
         for k in range(0, len(wins), 4):  # a few windows per batch: bounded memory
             chunk = wins[k:k + 4]
-            xb = torch.cat([x[..., y0:y0 + th, x0:x0 + tw] for y0, x0 in chunk]).to(self.device)
+            xb = torch.cat([x[..., ys[j]:ys[j] + th, xs[i]:xs[i] + tw] for j, i in chunk]).to(self.device)
             with self._autocast():
-                low = self.model.head(self.model.encode_image(xb), text)
-            low = low.float().cpu()
-            if tuple(low.shape[-2:]) != (th // os_, tw // os_):
-                low = F.interpolate(low, size=(th // os_, tw // os_), mode="bilinear", align_corners=False)
-            for (y0, x0), lg in zip(chunk, low):
-                sl = (slice(None), slice(y0 // os_, (y0 + th) // os_), slice(x0 // os_, (x0 + tw) // os_))
-                canvas[sl] += lg * wt
-                wsum[sl] += wt
-        return canvas / wsum, (w / os_, h / os_)
+                feats = self.model.encode_image(xb)
+            if maps is None:
+                maps = [torch.zeros(1, f.shape[1], Hp // s, Wp // s, dtype=f.dtype, device=f.device)
+                        for f, s in zip(feats, enc.strides)]
+            for n, (j, i) in enumerate(chunk):
+                (y0, y1), (x0, x1) = by[j], bx[i]
+                for f, m, s in zip(feats, maps, enc.strides):
+                    m[0, :, y0 // s:y1 // s, x0 // s:x1 // s] = \
+                        f[n, :, (y0 - ys[j]) // s:(y1 - ys[j]) // s, (x0 - xs[i]) // s:(x1 - xs[i]) // s]
+        with self._autocast():
+            low = self.model.head(maps, text)
+        return low[0].float(), (w / os_, h / os_)
+
+
+def _owned(starts: list[int], tile: int, total: int, align: int) -> list[tuple[int, int]]:
+    """For windows at ``starts`` of side ``tile``: the span each one owns, split at the middle of each overlap."""
+    cuts = [0] + [min(total, (s1 + s0 + tile) // 2 // align * align) for s0, s1 in zip(starts, starts[1:])] + [total]
+    return [(cuts[k], cuts[k + 1]) for k in range(len(starts))]
 
 
 def _starts(total: int, tile: int, align: int) -> list[int]:
     """Window starts (multiples of ``align``) covering ``total`` with windows of ``tile``, overlap >= tile/4."""
     if total <= tile:
         return [0]
-    step = max(align, (tile - tile // 4) // align * align)
+    step = max(align, (tile - int(tile * OVERLAP)) // align * align)
     n = -(-(total - tile) // step) + 1
     starts = sorted({min(total - tile, round(i * (total - tile) / (n - 1) / align) * align) for i in range(n)})
     return starts
-
-
-def _ramp(n: int, r: int) -> torch.Tensor:
-    """``(n,)`` weights rising linearly over ``r`` cells at both ends (never zero), 1 in the middle."""
-    i = torch.arange(n, dtype=torch.float32)
-    return torch.clamp(torch.minimum(i + 0.5, n - i - 0.5) / r, max=1.0)
 
 
 def head_logits(head, visual, text: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
