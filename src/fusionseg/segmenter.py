@@ -343,8 +343,8 @@ class Segmenter:
         by, bx = _owned(ys, th, Hp, a), _owned(xs, tw, Wp, a)
         maps: list[torch.Tensor] | None = None
         wins = [(j, i) for j in range(len(ys)) for i in range(len(xs))]
-        for k in range(0, len(wins), 4):  # a few windows per batch: bounded memory
-            chunk = wins[k:k + 4]
+        for k in range(0, len(wins), 1):  # one window at a time: memory bounded by one window
+            chunk = wins[k:k + 1]
             xb = torch.cat([x[..., ys[j]:ys[j] + th, xs[i]:xs[i] + tw] for j, i in chunk]).to(self.device)
             with self._autocast():
                 feats = self.model.encode_image(xb)
