@@ -85,27 +85,55 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .engine.train import TrainConfig, train
+    from .engine.train import CONFIG_FILE, TrainError, load_config_file, make_config, parse_set, train
+    values: dict = {}
+    resume = a.resume
+    if isinstance(resume, str) and not a.config and not a.data:
+        saved = Path(resume) / CONFIG_FILE  # `fusionseg train --resume RUN_DIR`: the run's own config
+        if not saved.is_file():
+            raise CLIError(f"cannot resume {resume}: no {CONFIG_FILE} in it (give --config/--data as well, or a run folder)")
+        values.update(load_config_file(saved))
+    if a.config:
+        values.update(load_config_file(a.config))
+    for item in a.set or []:
+        k, v = parse_set(item)
+        values[k] = v
+    flags = {"data": a.data, "out": a.out, "image_encoder": a.image_encoder, "text_encoder": a.text_encoder,
+             "preset": a.preset, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "size": a.size,
+             "val_fraction": a.val_fraction, "holdout": a.holdout, "checkpoint_every": a.checkpoint_every,
+             "seed": a.seed, "device": a.device, "cache_dir": a.cache_dir, "pos_embed": a.pos_embed,
+             "workers": a.workers, "fold": a.fold}
+    values.update({k: v for k, v in flags.items() if v is not None})
     if a.steps is not None and a.steps < 1:
         raise CLIError("--steps must be at least 1")
-    excl = [c for c in (a.exclude_classes or "").split(",") if c.strip()]
-    cfg = TrainConfig(data=a.data, out=a.out, image_encoder=a.image_encoder, text_encoder=a.text_encoder,
-                      preset=a.preset, device=a.device, cache_dir=a.cache_dir, resume=a.resume,
-                      exclude_classes=excl, holdout=a.holdout or [], fusion=not a.no_fusion,
-                      pos_embed=a.pos_embed)
+    if a.exclude_classes is not None:
+        values["exclude_classes"] = [c for c in a.exclude_classes.split(",") if c.strip()]
     if a.scales:
         try:
-            cfg.scales = [int(v) for v in a.scales.split(",") if v.strip()]
+            values["scales"] = [int(v) for v in a.scales.split(",") if v.strip()]
         except ValueError:
             raise CLIError(f"--scales must be comma-separated integers, got {a.scales!r}") from None
-    for k in ("steps", "batch_size", "lr", "size", "checkpoint_every", "seed", "val_fraction"):
-        v = getattr(a, k)
-        if v is not None:
-            setattr(cfg, k, v)
+    if a.no_fusion:
+        values["fusion"] = False
+    if a.no_cache:
+        values["cache"] = False
+    if a.compile:
+        values["compile"] = True
+    if resume is not None:
+        values["resume"] = resume
+    if isinstance(resume, str) and a.out and Path(a.out).resolve() != Path(resume).resolve():
+        raise CLIError(f"--resume {resume} continues that run folder; leave --out out or give the same folder")
+    if isinstance(resume, str):
+        values["out"] = resume
+    cfg = make_config(values)
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    train(cfg)
+    try:
+        train(cfg)
+    except TrainError as e:  # the run stopped itself (e.g. non-finite losses): one line, exit 1
+        print(f"fusionseg train: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -130,14 +158,26 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_cache(a: argparse.Namespace) -> int:
-    from .data.datasets import FolderDataset
     from .data.features import cache_features
-    from .encoders.base import build_image_encoder
-    enc = build_image_encoder(a.image_encoder)
-    for d in a.data:
-        ds = FolderDataset(d)
-        cf = cache_features(ds, enc, a.size, 2, a.cache_dir, device=a.device)
-        print(f"{ds.name}: {len(ds)} images {'already cached' if cf.hit else 'cached'} in {cf.path}")
+    from .engine.train import build_encoder_for_training, default_scales, init_distributed, open_datasets
+    dist, device = init_distributed(a.device)  # under torchrun each rank computes its share of the shards
+    try:
+        enc = build_encoder_for_training(a.image_encoder, "image").to(device)
+        sizes = [a.size] if not a.scales else [int(v) for v in a.scales.split(",") if v.strip()]
+        if a.scales is None and a.train_scales:
+            sizes = default_scales(a.size)
+        for ds in open_datasets(a.data, a.fold):
+            for sz in sizes:
+                cf = cache_features(ds, enc, sz, 2, a.cache_dir, device=device, progress=dist.main,
+                                    shard_size=a.shard_size, rank=dist.rank, world_size=dist.world,
+                                    barrier=dist.barrier)
+                if dist.main:
+                    print(f"{ds.name} at {sz} px: {len(ds)} images "
+                          f"{'already cached' if cf.hit else f'cached ({cf.computed} computed here)'} in {cf.path}")
+    finally:
+        if dist.enabled:
+            import torch
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -180,27 +220,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     s.set_defaults(func=cmd_segment)
 
-    t = sub.add_parser("train", help="train the fusion model on folder datasets (cached frozen features)")
-    t.add_argument("--data", action="append", required=True, help="dataset folder (fusionseg-folder/1); repeat to mix")
-    t.add_argument("--out", required=True, help="run folder; the final checkpoint is OUT/final.safetensors")
-    t.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER)
-    t.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER)
-    t.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    t = sub.add_parser("train", help="train the fusion model (cached frozen features; torchrun for several GPUs)",
+                       description="Flags override the --config file; --set key=value overrides any config key.")
+    t.add_argument("--config", default=None, help="TOML recipe, e.g. configs/cpu-default.toml")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    t.add_argument("--data", action="append", default=None,
+                   help="dataset folder (fusionseg-folder/1), pascal5i:ROOT or coco20i:ROOT (with --fold); repeat to mix")
+    t.add_argument("--out", default=None, help="run folder; the final checkpoint is OUT/final.safetensors")
+    t.add_argument("--image-encoder", default=None, help=f"default {DEFAULT_IMAGE_ENCODER}")
+    t.add_argument("--text-encoder", default=None, help=f"default {DEFAULT_TEXT_ENCODER}")
+    t.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"default {DEFAULT_PRESET}")
     t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None, help="global batch (split over torchrun processes)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--size", type=int, default=None, help="training size (longer side, px)")
     t.add_argument("--scales", default=None, help="comma-separated training scales in px (default: 0.8x, 1x, 1.2x --size)")
     t.add_argument("--val-fraction", type=float, default=None, help="whole images per dataset kept out for validation")
     t.add_argument("--holdout", action="append", help="image id always kept out of training (repeatable)")
     t.add_argument("--exclude-classes", default=None, help="names never used in training; their pixels are ignored")
+    t.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold 0-3 (novel classes left out)")
     t.add_argument("--checkpoint-every", type=int, default=None)
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     t.add_argument("--cache-dir", default=None, help="feature cache folder (default ~/.cache/fusionseg or $FUSIONSEG_CACHE)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    t.add_argument("--no-cache", action="store_true", help="run the frozen encoder every step (no feature cache)")
+    t.add_argument("--workers", type=int, default=None, help="DataLoader workers for --no-cache")
+    t.add_argument("--compile", action="store_true", help="torch.compile the trained head (GPU)")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue from the last checkpoint: of OUT (no value) or of RUN_DIR")
     t.add_argument("--no-fusion", action="store_true", help="ablation: no fusion transformer")
-    t.add_argument("--pos-embed", default="none", choices=["none", "fourier"])
+    t.add_argument("--pos-embed", default=None, choices=["none", "fourier"])
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
@@ -218,10 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
 
-    c = sub.add_parser("cache", help="compute the frozen-feature cache of dataset folders")
-    c.add_argument("--data", action="append", required=True)
+    c = sub.add_parser("cache", help="compute the frozen-feature cache of datasets (a separate pass; torchrun shards it)")
+    c.add_argument("--data", action="append", required=True, help="dataset folder, pascal5i:ROOT or coco20i:ROOT")
+    c.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold (its training split)")
     c.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER)
     c.add_argument("--size", type=int, default=320)
+    c.add_argument("--scales", default=None, help="comma-separated sizes to cache (default: --size)")
+    c.add_argument("--train-scales", action="store_true", help="cache the default training scales of --size (0.8x, 1x, 1.2x)")
+    c.add_argument("--shard-size", type=int, default=256, help="images per shard")
     c.add_argument("--device", default="cpu")
     c.add_argument("--cache-dir", default=None)
     c.set_defaults(func=cmd_cache)
