@@ -250,13 +250,23 @@ def cache_features(ds, encoder: ImageEncoder, size: int = 320, views: int = 2,
         for fname, e in _scan(store).items():
             for row, i in enumerate(e["ids"]):
                 where.setdefault(i, (fname, row))
+    rest = [p for p, i in enumerate(want) if i not in where]
+    if rest:  # other ranks' shares when no one else built them (no barrier), or shards lost meanwhile
+        encoder = encoder.to(device)
+        for s in range(0, len(rest), shard_size):
+            c = rest[s:s + shard_size]
+            t0 = time.time()
+            _write_shard(store, [want[p] for p in c], _compute_shard(ds, c, encoder, size, views, batch_size, device,
+                                                                      None), time.time() - t0)
+            computed += len(c)
+        where = {}
+        for fname, e in _scan(store).items():
+            for row, i in enumerate(e["ids"]):
+                where.setdefault(i, (fname, row))
     # Read every needed shard once, verifying it; a bad shard is recomputed here (by whoever finds it).
     entries = _scan(store)
     rows_by_shard: dict[str, list[tuple[int, int]]] = {}
     for p, i in enumerate(want):
-        if i not in where:
-            raise RuntimeError(f"feature cache {store}: no shard holds image {i!r} after building (was a rank's "
-                               f"shard lost?); delete the folder and run again")
         f, row = where[i]
         rows_by_shard.setdefault(f, []).append((p, row))
     levels: list[torch.Tensor] | None = None

@@ -337,11 +337,12 @@ def _global_masks(local: torch.Tensor, lmap: list[int]) -> torch.Tensor:
     return lut[local.long()]
 
 
-def default_scales(size: int) -> list[int]:
-    """0.8x, 1x and 1.2x the training size on the 32-px grid (just ``size`` below 160 px)."""
+def default_scales(size: int, multiple: int = 32) -> list[int]:
+    """0.8x, 1x and 1.2x the training size on the encoder's grid (32 px for CNNs, the patch for ViTs; just
+    ``size`` below 160 px)."""
     if size < 160:
         return [size]
-    return sorted({int(size * 0.8) // 32 * 32, size, -(-int(size * 1.2) // 32) * 32})
+    return sorted({int(size * 0.8) // multiple * multiple, size, -(-int(size * 1.2) // multiple) * multiple})
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -767,10 +768,12 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
     image_encoder = build_encoder_for_training(cfg.image_encoder, "image").to(device)
     ts_probe = FusionerConfig.from_preset(cfg.preset, image_encoder.strides, image_encoder.channels, 1)
     token_stride = ts_probe.token_stride
-    scales = sorted(set(cfg.scales or default_scales(cfg.size)))
-    for sc in scales:
-        if sc % 32 or sc % token_stride:
-            raise ValueError(f"training scales must be multiples of 32 and of the token stride {token_stride}, got {sc}")
+    multiple = int(getattr(image_encoder, "size_multiple", 32))
+    scales = sorted(set(cfg.scales or default_scales(cfg.size, multiple)))
+    for sc in [cfg.size] + scales:
+        if sc % multiple or sc % token_stride:
+            raise ValueError(f"training size and scales must be multiples of {max(multiple, token_stride)} px for "
+                             f"{cfg.image_encoder} (its input grid and token stride), got {sc}")
     n_train = sum(len(t) for t in train_only)
     cache_kw = dict(cache_dir=cfg.cache_dir, device=device, progress=show, shard_size=cfg.shard_size,
                     rank=dist.rank, world_size=dist.world, barrier=dist.barrier)
