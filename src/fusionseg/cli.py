@@ -172,8 +172,8 @@ def cmd_cache(a: argparse.Namespace) -> int:
                                     shard_size=a.shard_size, rank=dist.rank, world_size=dist.world,
                                     barrier=dist.barrier)
                 if dist.main:
-                    print(f"{ds.name} at {sz} px: {len(ds)} images "
-                          f"{'already cached' if cf.hit else f'cached ({cf.computed} computed here)'} in {cf.path}")
+                    print(f"{ds.name} at {sz} px: {len(ds)} images {'already cached' if cf.hit else 'cached'} in "
+                          f"{cf.path}" + ("" if cf.hit else f" ({cf.computed} computed by this process)"))
     finally:
         if dist.enabled:
             import torch
