@@ -612,6 +612,7 @@ def plot_metrics(log_path: str | Path, png_path: str | Path, width: int = 900, h
             d.line(pts, fill=colour, width=2)
         for x, y in pts if len(pts) < 60 else pts[-1:]:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        d.rectangle([x0, top, x1, bottom], outline="black")  # the frame over the grid lines
 
     mid = height // 2
     panel(30, mid - 30, loss, "training loss (EMA) vs step", (200, 40, 40))
