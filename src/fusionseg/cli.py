@@ -63,7 +63,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     _check_writable(out)
     if a.threads:
         torch.set_num_threads(a.threads)
-    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size)
+    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, mode=a.mode)
     for p in paths:
         t0 = time.time()
         img = load_image(p)  # decoded once: EXIF orientation applied, used for prediction and overlay
@@ -121,7 +121,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             _check_writable(Path(p).resolve().parent)
     rep = evaluate(model=a.model, data=a.data, protocol=a.protocol, fold=a.fold, threshold=a.threshold,
                    device=a.device, json_path=a.json, report_path=a.report, max_images=a.max_images,
-                   episodes=a.episodes)
+                   episodes=a.episodes, classes=a.classes, mode=a.mode)
     print(rep["table"])
     for p in (a.json, a.report):
         if p:
@@ -163,7 +163,9 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .engine.train import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+    from .engine.evaluate import PROTOCOLS
     from .model.fusioner import DEFAULT_PRESET, PRESETS
+    from .segmenter import MODES
     p = argparse.ArgumentParser(prog="fusionseg", description="Open-vocabulary semantic segmentation on frozen encoders.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -178,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None, help="working size: longer image side in px (default: the model's)")
     s.add_argument("--no-overlay", action="store_true", help="skip the overlay picture")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    s.add_argument("--mode", default="fusion", choices=list(MODES),
+                   help="fusion: the trained model; bridge: training-free, through the image encoder's classifier "
+                        "classes; fusion+bridge: the model for names it was trained on, the bridge for new ones")
     s.set_defaults(func=cmd_segment)
 
     t = sub.add_parser("train", help="train the fusion model on folder datasets (cached frozen features)")
@@ -207,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="measure a model: one-class episodes or whole-vocabulary mIoU")
     e.add_argument("--model", default="default")
     e.add_argument("--data", required=True, help="a dataset folder, or pascal5i:ROOT, coco20i:ROOT, fss1000:ROOT, mosaic4:ROOT")
-    e.add_argument("--protocol", default="semantic", choices=["episodes", "semantic"])
+    e.add_argument("--protocol", default="semantic", choices=list(PROTOCOLS),
+                   help="semantic: all classes at once; episodes: one class per episode; novel-names: "
+                        "discrimination, episodes and the wrong-name control for the names in --classes")
+    e.add_argument("--classes", default=None, help="novel-names protocol: comma-separated class names of the dataset")
+    e.add_argument("--mode", default="fusion", choices=list(MODES), help="scoring mode (see segment --mode)")
     e.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold 0-3")
     e.add_argument("--episodes", type=int, default=None, help="episode count (default: 1,000 for folds, else all)")
     e.add_argument("--threshold", type=float, default=None)
