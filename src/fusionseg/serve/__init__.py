@@ -7,10 +7,14 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from .app import ApiError, ServeConfig, create_app
 
-__all__ = ["ServeConfig", "create_app", "ApiError", "bind", "serve", "missing_dependencies"]
+__all__ = ["ServeConfig", "create_app", "ApiError", "bind", "serve", "serve_in_thread", "missing_dependencies"]
 
 
 def missing_dependencies() -> list[str]:
@@ -53,4 +57,27 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, access_lo
     try:
         server.run(sockets=[sock])
     finally:
+        sock.close()
+
+
+@contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 30.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a background thread (tests, notebooks); yields its base URL and stops it
+    on exit. ``port=0`` picks a free port."""
+    import uvicorn
+    sock = bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="fusionseg-serve")
+    th.start()
+    t0 = time.time()
+    while not server.started:
+        if not th.is_alive() or time.time() - t0 > startup_timeout:
+            sock.close()
+            raise RuntimeError("the server thread did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        th.join(timeout=10)
         sock.close()
