@@ -21,20 +21,17 @@ import asyncio
 import base64
 import io
 import json
-import logging
 import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import numpy as np
 
 from .form import FormError, Part, boundary_of, parse_multipart
-
-log = logging.getLogger("fusionseg.serve")
 
 MAX_NAME_CHARS = 100
 _TRUE = {"1", "true", "yes", "on"}
@@ -411,8 +408,7 @@ def create_app(cfg: ServeConfig | None = None, segmenter=None):
         return _err(400, "; ".join(str(x.get("msg", x)) for x in e.errors()) or "invalid request")
 
     @app.exception_handler(Exception)
-    async def _internal(req: Request, e: Exception):
-        log.exception("internal error on %s %s", req.method, req.url.path)
+    async def _internal(req: Request, e: Exception):  # the server (uvicorn) logs the traceback
         return _err(500, f"internal error ({type(e).__name__}); the server logged it and keeps serving")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -436,6 +432,29 @@ def create_app(cfg: ServeConfig | None = None, segmenter=None):
     async def model():
         return svc.model_info()
 
+    async def _read_request(request: Request, ctype: str, limit: int) -> SegmentRequest:
+        from starlette.requests import ClientDisconnect
+        chunks, n = [], 0
+        try:
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > limit:
+                    raise ApiError(413, f"the request is over {limit:,} bytes; this server takes images up to "
+                                        f"{cfg.max_upload_bytes:,} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(400, "the client closed the connection before the request body was complete") from None
+        body = b"".join(chunks)
+        del chunks
+        if not body:
+            raise ApiError(400, "the request body is empty: send multipart/form-data with an image and classes")
+        try:
+            parts = parse_multipart(body, ctype)
+        except FormError as e:
+            raise ApiError(400, str(e)) from None
+        del body
+        return read_form(parts, cfg)
+
     @app.post("/v1/segment", summary="segment an image with any class names", openapi_extra=_SEGMENT_OPENAPI)
     async def segment(request: Request):
         ctype = request.headers.get("content-type", "")
@@ -452,33 +471,21 @@ def create_app(cfg: ServeConfig | None = None, segmenter=None):
         if declared and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request is {int(declared):,} bytes; this server takes images up to "
                                 f"{cfg.max_upload_bytes:,} bytes")
-        chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > limit:
-                raise ApiError(413, f"the request is over {limit:,} bytes; this server takes images up to "
-                                    f"{cfg.max_upload_bytes:,} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        del chunks
-        if not body:
-            raise ApiError(400, "the request body is empty: send multipart/form-data with an image and classes")
-        try:
-            parts = parse_multipart(body, ctype)
-        except FormError as e:
-            raise ApiError(400, str(e)) from None
-        del body
-        req = read_form(parts, cfg)
-        del parts
+        # A slot is taken before the body is read, so at most `capacity` bodies are ever held in memory.
         if not svc.try_acquire():
             ra = svc.retry_after()
             raise ApiError(503, f"the server is busy ({svc.capacity} requests running or queued); retry in {ra} s",
                            {"Retry-After": str(ra)})
+        fut = None
         try:
-            fut = svc.submit(req)
-        except RuntimeError:  # pool shut down
-            svc._release()
-            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"})
+            req = await _read_request(request, ctype, limit)
+            try:
+                fut = svc.submit(req)
+            except RuntimeError:  # the pool is shut down
+                raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+        finally:
+            if fut is None:
+                svc._release()
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=cfg.timeout)
         except asyncio.TimeoutError:
@@ -488,6 +495,3 @@ def create_app(cfg: ServeConfig | None = None, segmenter=None):
 
     return app
 
-
-def config_dict(cfg: ServeConfig) -> dict:
-    return asdict(cfg)
