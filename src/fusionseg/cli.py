@@ -161,6 +161,27 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import ServeConfig, missing_dependencies, serve
+    missing = missing_dependencies()
+    if missing:
+        raise CLIError(f"fusionseg serve needs {', '.join(missing)}: pip install 'fusionseg[serve]'")
+    if not 0 <= a.port <= 65535:
+        raise CLIError(f"--port must be 0..65535, got {a.port}")
+    cfg = ServeConfig(model=a.model, device=a.device, size=a.size, workers=a.workers, queue=a.queue,
+                      max_upload_bytes=int(a.max_upload_mb * 1024 * 1024), max_pixels=int(a.max_megapixels * 1e6),
+                      max_classes=a.max_classes, timeout=a.timeout, threads=a.threads).check()
+
+    def ready(url: str, app) -> None:
+        info = app.state.service.model_info()
+        print(f"fusionseg serve: model {a.model} ({info['image_encoder'].get('name')} + "
+              f"{info['text_encoder'].get('name')}) on {url}  (page {url}/, API {url}/v1/segment, "
+              f"{url}/openapi.json); Ctrl-C stops", flush=True)
+
+    serve(cfg, host=a.host, port=a.port, access_log=not a.no_access_log, on_ready=ready)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .engine.train import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
     from .engine.evaluate import PROTOCOLS
@@ -238,6 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint and the available encoders")
     i.add_argument("--model", default="default")
     i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("serve", help="web page + REST API (POST /v1/segment) over one loaded model")
+    v.add_argument("--model", default="default", help="'default' or a checkpoint (.safetensors or run folder)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda")
+    v.add_argument("--size", type=int, default=None, help="working size: longer image side in px (default: the model's)")
+    v.add_argument("--workers", type=int, default=1, help="requests computed at once (default 1)")
+    v.add_argument("--queue", type=int, default=8, help="requests waiting beyond those; more get 503 (default 8)")
+    v.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file in MiB (default 20)")
+    v.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels (default 40)")
+    v.add_argument("--max-classes", type=int, default=100, help="most class names per request (default 100)")
+    v.add_argument("--timeout", type=float, default=60.0, help="seconds before a request gets 504 (default 60)")
+    v.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    v.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    v.set_defaults(func=cmd_serve)
     return p
 
 
