@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
-ROWS = ("fusion", "fusion, shuffled names", "no-fusion", "whole image", "bridge alone", "fusion+bridge")
+ROWS = ("fusion", "fusion, shuffled names", "no-fusion", "whole image", "bridge alone", "fusion+bridge",
+        "bridge-prior model")
 
 
 def _f(v) -> str:
@@ -22,7 +23,7 @@ def novel_table(nn: dict) -> list[str]:
     from the fusion report (same episodes)."""
     fu = nn["fusion"]
     rows = {"fusion": fu, "no-fusion": nn.get("no-fusion"), "bridge alone": nn.get("bridge alone"),
-            "fusion+bridge": nn.get("fusion+bridge"),
+            "fusion+bridge": nn.get("fusion+bridge"), "bridge-prior model": nn.get("bridge-prior model"),
             "fusion, shuffled names": {"miou": fu["shuffled_miou"], "fbiou": fu["shuffled_fbiou"]},
             "whole image": {"miou": fu["trivial_miou"], "fbiou": fu["trivial_fbiou"]}}
     out = [f"| row | episode mIoU | FB-IoU | discrimination (chance {_f(fu['chance'])}) | AUC gap (right / wrong) |",

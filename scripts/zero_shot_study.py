@@ -32,6 +32,7 @@ import numpy as np
 ALIASES = {"airplane": ["aeroplane"], "person": ["body", "face", "pedestrian", "bicyclist"]}
 MSRC6 = ["cow", "sheep", "cat", "dog", "boat", "flower"]
 DEMO_ID = "000000358083"  # the README's demo photo, never trained on
+KINDS = (("fusion", True, False), ("nofusion", False, False), ("prior", True, True))  # run name, fusion, bridge prior
 
 
 class Concat:
@@ -72,7 +73,7 @@ def with_aliases(names: list[str]) -> list[str]:
 
 
 def train_run(out: Path, data: list[Path], exclude: list[str], fusion: bool, steps: int, threads: int,
-              holdout: list[str], batch_size: int = 8) -> dict:
+              holdout: list[str], batch_size: int = 8, prior: bool = False) -> dict:
     import torch
     from fusionseg.engine.train import TrainConfig, train
     final = out / "final.safetensors"
@@ -80,7 +81,7 @@ def train_run(out: Path, data: list[Path], exclude: list[str], fusion: bool, ste
         torch.set_num_threads(threads)
         cfg = TrainConfig(data=[str(d) for d in data], out=str(out), steps=steps, scales=[320],
                           exclude_classes=exclude, holdout=holdout, fusion=fusion, checkpoint_every=0,
-                          batch_size=batch_size)
+                          batch_size=batch_size, bridge_prior=prior)
         train(cfg)
     from fusionseg.model.checkpoint import read_checkpoint
     _, meta = read_checkpoint(final)
@@ -95,8 +96,12 @@ def novel_rows(run: Path, nofusion_run: Path, ds, names: list[str], threads: int
     from fusionseg.segmenter import Segmenter
     torch.set_num_threads(threads)
     rows = {}
-    for label, path, mode in (("fusion", run, "fusion"), ("no-fusion", nofusion_run, "fusion"),
-                              ("bridge alone", run, "bridge"), ("fusion+bridge", run, "fusion+bridge")):
+    variants = [("fusion", run, "fusion"), ("no-fusion", nofusion_run, "fusion"), ("bridge alone", run, "bridge"),
+                ("fusion+bridge", run, "fusion+bridge")]
+    prior_run = run.parent / run.name.replace("-fusion", "-prior")
+    if (prior_run / "final.safetensors").is_file():
+        variants.append(("bridge-prior model", prior_run, "fusion+bridge"))
+    for label, path, mode in variants:
         t0 = time.time()
         seg = Segmenter.from_pretrained(path, device="cpu", mode=mode)
         r = evaluate_novel_names(seg, ds, names, progress=False)
@@ -116,8 +121,11 @@ def semantic_rows(run: Path, nofusion_run: Path, ds, novel: list[str], threads: 
     torch.set_num_threads(threads)
     nov = {normalize_name(n) for n in novel}
     rows = {}
-    for label, path, mode in (("fusion", run, "fusion"), ("no-fusion", nofusion_run, "fusion"),
-                              ("fusion+bridge", run, "fusion+bridge")):
+    variants = [("fusion", run, "fusion"), ("no-fusion", nofusion_run, "fusion"), ("fusion+bridge", run, "fusion+bridge")]
+    prior_run = run.parent / run.name.replace("-fusion", "-prior")
+    if (prior_run / "final.safetensors").is_file():
+        variants.append(("bridge-prior model", prior_run, "fusion+bridge"))
+    for label, path, mode in variants:
         seg = Segmenter.from_pretrained(path, device="cpu", mode=mode)
         r = evaluate_semantic(seg, ds, progress=False)
         pn = [v for n, v in r["per_class"].items() if normalize_name(n) in nov and v is not None]
@@ -139,6 +147,7 @@ def main() -> None:
     ap.add_argument("--parts", default="folds,cross,msrc6")
     ap.add_argument("--folds", default="0,1,2,3")
     ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--prior", default="msrc6", help="parts that also train the bridge-prior model (--bridge-prior)")
     ap.add_argument("--results", default=None, help="write the Markdown tables here (e.g. docs/RESULTS.md)")
     a = ap.parse_args()
     from fusionseg.data.datasets import FolderDataset, normalize_name
@@ -157,9 +166,9 @@ def main() -> None:
         for f in (int(x) for x in a.folds.split(",")):
             novel = fold_names(names80, f)
             runs = {}
-            for kind, fusion in (("fusion", True), ("nofusion", False)):
+            for kind, fusion, prior in KINDS[: 3 if "folds" in a.prior.split(",") else 2]:
                 runs[kind] = train_run(out / f"fold{f}-{kind}", list(folders.values()), with_aliases(novel), fusion,
-                                       a.steps, a.threads, [DEMO_ID], a.batch_size)
+                                       a.steps, a.threads, [DEMO_ID], a.batch_size, prior)
             if a.train_only:
                 continue
             splits = json.loads((out / f"fold{f}-fusion" / "splits.json").read_text())
@@ -196,8 +205,8 @@ def main() -> None:
         ids6 = [msrc.class_names.index(n) + 1 for n in MSRC6]
         shown = [i for i in msrc.ids if np.isin(msrc.load_mask(i), ids6).any()]
         runs = {kind: train_run(out / f"msrc6-{kind}", list(folders.values()), MSRC6, fusion, a.steps, a.threads,
-                                [DEMO_ID] + shown, a.batch_size)
-                for kind, fusion in (("fusion", True), ("nofusion", False))}
+                                [DEMO_ID] + shown, a.batch_size, prior)
+                for kind, fusion, prior in KINDS[: 3 if "msrc6" in a.prior.split(",") else 2]}
         if not a.train_only:
             splits = json.loads((out / "msrc6-fusion" / "splits.json").read_text())
             seen_val = [i for i in splits["msrc_v2"]["val"] if i not in set(shown)]

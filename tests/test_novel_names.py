@@ -157,3 +157,23 @@ def test_cli_novel_names_and_bridge_mode(tmp_path, capsys):
                  "--mode", "bridge", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "efficientnet-lite0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bridge_prior_model_trains_saves_and_serves_unknown_names(tmp_path):
+    """--bridge-prior: the bridge's map is a model input, trained with name dropout; the checkpoint round-trips
+    and, in fusion+bridge mode, names outside the training vocabulary go through the unknown-name token."""
+    from fusionseg.model.checkpoint import read_checkpoint
+    ds = make_shapes_dataset(tmp_path / "shapes", n=4, size=64)
+    cfg = TrainConfig(data=[str(ds)], out=str(tmp_path / "run"), preset="tiny", steps=3, batch_size=2, size=64,
+                      val_fraction=0.25, cache_dir=str(tmp_path / "cache"), progress=False, bridge_prior=True,
+                      name_dropout=0.5)
+    ckpt = train(cfg)
+    w, meta = read_checkpoint(ckpt)
+    assert meta["config"]["prior"] is True and "prior_refine.weight" in w and "unknown_token" in w
+    seg = Segmenter.from_pretrained(ckpt, device="cpu", mode="fusion+bridge")
+    assert seg.known_names(["square", "wombat"]) == [True, False]
+    enc = seg.encode(REPO / "examples" / "cat_toilet.jpg")
+    lg = seg.logits_from(enc, ["square", "wombat"])
+    assert lg.shape[0] == 2 and torch.isfinite(lg).all()
+    plain = Segmenter.from_pretrained(ckpt, device="cpu", mode="fusion").logits_from(enc, ["square", "wombat"])
+    assert not torch.allclose(lg[1], plain[1])  # the unknown name was decoded with the unknown-name token

@@ -92,13 +92,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(data=a.data, out=a.out, image_encoder=a.image_encoder, text_encoder=a.text_encoder,
                       preset=a.preset, device=a.device, cache_dir=a.cache_dir, resume=a.resume,
                       exclude_classes=excl, holdout=a.holdout or [], fusion=not a.no_fusion,
-                      pos_embed=a.pos_embed)
+                      pos_embed=a.pos_embed, bridge_prior=a.bridge_prior)
     if a.scales:
         try:
             cfg.scales = [int(v) for v in a.scales.split(",") if v.strip()]
         except ValueError:
             raise CLIError(f"--scales must be comma-separated integers, got {a.scales!r}") from None
-    for k in ("steps", "batch_size", "lr", "size", "checkpoint_every", "seed", "val_fraction"):
+    for k in ("steps", "batch_size", "lr", "size", "checkpoint_every", "seed", "val_fraction", "name_dropout"):
         v = getattr(a, k)
         if v is not None:
             setattr(cfg, k, v)
@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
     t.add_argument("--no-fusion", action="store_true", help="ablation: no fusion transformer")
     t.add_argument("--pos-embed", default="none", choices=["none", "fourier"])
+    t.add_argument("--bridge-prior", action="store_true",
+                   help="feed the semantic bridge's per-class map to the model, trained with name dropout")
+    t.add_argument("--name-dropout", type=float, default=None,
+                   help="with --bridge-prior: share of classes per batch given the unknown-name token (0.5)")
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=cmd_train)
 

@@ -163,10 +163,15 @@ class Segmenter:
         names = list(class_names)
         text = self.text_embeddings(names)
         h, w = encoded.valid
+        with_prior = bool(getattr(self.model.head.cfg, "prior", False))
+        unknown = None
         if self.mode == "fusion":
             fused = list(range(len(names)))
         elif self.mode == "bridge":
             fused = []
+        elif with_prior:  # one model for all names: unknown ones get the unknown-name token and their prior
+            fused = list(range(len(names)))
+            unknown = torch.tensor([not k for k in self.known_names(names)], device=self.device)
         else:
             fused = [i for i, k in enumerate(self.known_names(names)) if k]
         bridged = [i for i in range(len(names)) if i not in set(fused)]
@@ -174,8 +179,10 @@ class Segmenter:
         if fused:
             # Known names are decoded together without the others (class tokens attend to each other), so a
             # name's fusion score does not depend on which unknown names were asked alongside it.
+            t = text[fused]
+            prior = self.bridge.logits(encoded.visual, t) if with_prior else None
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                lg = self.model.head(encoded.visual, text[fused], encoded.padded)
+                lg = self.model.head(encoded.visual, t, encoded.padded, prior=prior, unknown=unknown)
             out[fused] = lg[0, :, :h, :w].float()
         if bridged:
             out[bridged] = self.bridge.logits(encoded.visual, text[bridged], encoded.padded)[0, :, :h, :w].float()

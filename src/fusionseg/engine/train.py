@@ -57,6 +57,8 @@ class TrainConfig:
     loss_stride: int = 4
     fusion: bool = True
     pos_embed: str = "none"
+    bridge_prior: bool = False  # the bridge's per-class map as a model input (model/prior.py)
+    name_dropout: float = 0.5   # with bridge_prior: share of a batch's classes given the unknown-name token
     resume: bool = False
     progress: bool = True
 
@@ -158,7 +160,8 @@ def bce_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, cla
 
 
 @torch.no_grad()
-def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tensor], device, batch_size: int = 16) -> dict:
+def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tensor], device, batch_size: int = 16,
+             bridge=None) -> dict:
     """Whole-vocabulary mIoU of each validation split on cached features (training resolution, view 0).
 
     A fast proxy for ``fusionseg evaluate`` (which works at the original resolution): datasets whose every
@@ -175,7 +178,8 @@ def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tenso
         for s in range(0, len(ds), batch_size):
             levels = [lv[s:s + batch_size, 0].to(device).float() for lv in cf.levels]
             masks = cf.masks[s:s + batch_size, 0].to(device).long()
-            lg = head(levels, text, tuple(masks.shape[-2:]))
+            prior = bridge.logits(levels, text) if bridge is not None else None
+            lg = head(levels, text, tuple(masks.shape[-2:]), prior=prior)
             best, idx = lg.max(1)
             lab = idx + 1
             if not argmax:
@@ -253,7 +257,12 @@ def train(cfg: TrainConfig) -> Path:
             val_text.append(text_all[[row[normalize_name(n)] for n in ds.class_names]].to(device))
 
     mcfg = FusionerConfig.from_preset(cfg.preset, image_encoder.strides, image_encoder.channels, text.shape[1],
-                                      fusion=cfg.fusion, pos_embed=cfg.pos_embed)
+                                      fusion=cfg.fusion, pos_embed=cfg.pos_embed, prior=cfg.bridge_prior)
+    bridge = None
+    if cfg.bridge_prior:
+        from ..encoders.base import build_text_encoder
+        from ..model.bridge import ClassifierBridge
+        bridge = ClassifierBridge(image_encoder, build_text_encoder(cfg.text_encoder), cache_dir=cfg.cache_dir)
     head = FusionHead(mcfg).to(device)
     decay = [p for n, p in head.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in head.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -281,7 +290,7 @@ def train(cfg: TrainConfig) -> Path:
         meta = json.loads(json.dumps(meta_base))
         meta["training"].update(steps=step, wall_seconds=round(time.time() - t_start, 1))
         if val_sets:
-            rep = validate(head, val_sets, val_text, device)
+            rep = validate(head, val_sets, val_text, device, bridge=bridge)
             meta["training"]["validation"] = rep
             msg = ", ".join(f"{n} {r['miou']:.3f}" for n, r in rep.items() if r["miou"] is not None)
             tqdm.write(f"step {step}: validation mIoU {msg}")
@@ -300,8 +309,13 @@ def train(cfg: TrainConfig) -> Path:
             g["lr"] = lr_at(step, cfg)
         levels = [lv.to(device, non_blocking=True).float() for lv in levels]
         masks, kn = masks.to(device), kn.to(device)
+        prior = unknown = None
+        if bridge is not None:
+            with torch.no_grad():
+                prior = bridge.logits(levels, text[classes])
+            unknown = torch.tensor([rng.random() < cfg.name_dropout for _ in classes], device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = head(levels, text[classes])
+            logits = head(levels, text[classes], prior=prior, unknown=unknown)
         loss = bce_loss(logits, masks, kn, classes, cfg.loss_stride)
         opt.zero_grad(set_to_none=True)
         loss.backward()

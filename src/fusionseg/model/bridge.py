@@ -2,7 +2,8 @@
 
 An image encoder with a classifier head over named classes (EfficientNet-Lite: the 1,000 ImageNet classes)
 gives, at every stride-32 location, a probability for each class. Each class is embedded by the text encoder
-from its names (all WordNet synonyms, normalised and averaged). A queried name's score at a location is the
+from its names (all WordNet synonyms and, for ImageNet, coarse hypernyms such as "sheep" for "ram, tup";
+normalised and averaged). A queried name's score at a location is the
 *expected similarity* ``sum_k p_k * cos(label_k, query)`` over the top-k classes there: scoring in similarity
 space, so a crowded label group (118 dog breeds) counts by its probability mass, not by how many of its
 members sit near the query in the embedding space.
