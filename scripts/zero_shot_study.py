@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--parts", default="folds,cross,msrc6")
     ap.add_argument("--folds", default="0,1,2,3")
     ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--force", action="store_true", help="evaluate parts already in results.json again")
     ap.add_argument("--prior", default="msrc6", help="parts that also train the bridge-prior model (--bridge-prior)")
     ap.add_argument("--results", default=None, help="write the Markdown tables here (e.g. docs/RESULTS.md)")
     a = ap.parse_args()
@@ -159,8 +160,18 @@ def main() -> None:
     parts = a.parts.split(",")
     names80 = coco_names(root)
 
-    def save():
-        res_path.write_text(json.dumps(results, indent=1))
+    done: set[str] = set()
+
+    def save():  # merge into the file: several study processes (different parts) may run side by side
+        current = json.loads(res_path.read_text()) if res_path.is_file() else {}
+        current.update({k: results[k] for k in done})
+        tmp = res_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(current, indent=1))
+        tmp.replace(res_path)
+        results.update(current)
+
+    def todo(key: str) -> bool:
+        return a.force or key not in results
 
     if "folds" in parts:
         for f in (int(x) for x in a.folds.split(",")):
@@ -169,7 +180,7 @@ def main() -> None:
             for kind, fusion, prior in KINDS[: 3 if "folds" in a.prior.split(",") else 2]:
                 runs[kind] = train_run(out / f"fold{f}-{kind}", list(folders.values()), with_aliases(novel), fusion,
                                        a.steps, a.threads, [DEMO_ID], a.batch_size, prior)
-            if a.train_only:
+            if a.train_only or not todo(f"fold{f}"):
                 continue
             splits = json.loads((out / f"fold{f}-fusion" / "splits.json").read_text())
             ds = Concat([FolderDataset(folders[n], splits[n]["val"]) for n in ("coco128_seg", "coco2017_mini")])
@@ -181,12 +192,13 @@ def main() -> None:
                                                              novel_here, a.threads),
                                    "semantic": semantic_rows(out / f"fold{f}-fusion", out / f"fold{f}-nofusion", ds,
                                                              novel, a.threads)}
+            done.add(f"fold{f}")
             save()
     if "cross" in parts:
         data = [folders[n] for n in ("coco128_seg", "coco2017_mini", "weizmann_horse")]
         runs = {kind: train_run(out / f"cross-{kind}", data, [], fusion, a.steps, a.threads, [DEMO_ID], a.batch_size)
                 for kind, fusion in (("fusion", True), ("nofusion", False))}
-        if not a.train_only:
+        if not a.train_only and todo("cross"):
             vocab = set(runs["fusion"]["vocabulary"])
             entry = {"train": runs}
             for name in ("msrc_v2", "camvid"):
@@ -199,6 +211,7 @@ def main() -> None:
                                "semantic": semantic_rows(out / "cross-fusion", out / "cross-nofusion", ds, unseen,
                                                          a.threads)}
             results["cross"] = entry
+            done.add("cross")
             save()
     if "msrc6" in parts:
         msrc = FolderDataset(folders["msrc_v2"])
@@ -207,7 +220,7 @@ def main() -> None:
         runs = {kind: train_run(out / f"msrc6-{kind}", list(folders.values()), MSRC6, fusion, a.steps, a.threads,
                                 [DEMO_ID] + shown, a.batch_size, prior)
                 for kind, fusion, prior in KINDS[: 3 if "msrc6" in a.prior.split(",") else 2]}
-        if not a.train_only:
+        if not a.train_only and todo("msrc6"):
             splits = json.loads((out / "msrc6-fusion" / "splits.json").read_text())
             seen_val = [i for i in splits["msrc_v2"]["val"] if i not in set(shown)]
             print(f"msrc6: {len(shown)} MSRC images show the six names (held out); {len(seen_val)} other val images")
@@ -216,6 +229,7 @@ def main() -> None:
                                                           msrc.subset(shown), MSRC6, a.threads),
                                 "semantic_seen": semantic_rows(out / "msrc6-fusion", out / "msrc6-nofusion",
                                                                msrc.subset(seen_val), MSRC6, a.threads)}
+            done.add("msrc6")
             save()
     if a.results:
         from study_report import write_report  # scripts/study_report.py
