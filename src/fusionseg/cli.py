@@ -63,7 +63,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     _check_writable(out)
     if a.threads:
         torch.set_num_threads(a.threads)
-    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size)
+    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, mode=a.mode)
     for p in paths:
         t0 = time.time()
         img = load_image(p)  # decoded once: EXIF orientation applied, used for prediction and overlay
@@ -125,6 +125,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise CLIError(f"--resume {resume} continues that run folder; leave --out out or give the same folder")
     if isinstance(resume, str):
         values["out"] = resume
+    if a.bridge_prior:
+        values["bridge_prior"] = True
+    if a.name_dropout is not None:
+        values["name_dropout"] = a.name_dropout
     cfg = make_config(values)
     if a.threads:
         import torch
@@ -149,7 +153,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             _check_writable(Path(p).resolve().parent)
     rep = evaluate(model=a.model, data=a.data, protocol=a.protocol, fold=a.fold, threshold=a.threshold,
                    device=a.device, json_path=a.json, report_path=a.report, max_images=a.max_images,
-                   episodes=a.episodes)
+                   episodes=a.episodes, classes=a.classes, mode=a.mode)
     print(rep["table"])
     for p in (a.json, a.report):
         if p:
@@ -201,9 +205,32 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import ServeConfig, missing_dependencies, serve
+    missing = missing_dependencies()
+    if missing:
+        raise CLIError(f"fusionseg serve needs {', '.join(missing)}: pip install 'fusionseg[serve]'")
+    if not 0 <= a.port <= 65535:
+        raise CLIError(f"--port must be 0..65535, got {a.port}")
+    cfg = ServeConfig(model=a.model, device=a.device, size=a.size, workers=a.workers, queue=a.queue,
+                      max_upload_bytes=int(a.max_upload_mb * 1024 * 1024), max_pixels=int(a.max_megapixels * 1e6),
+                      max_classes=a.max_classes, timeout=a.timeout, threads=a.threads).check()
+
+    def ready(url: str, app) -> None:
+        info = app.state.service.model_info()
+        print(f"fusionseg serve: model {a.model} ({info['image_encoder'].get('name')} + "
+              f"{info['text_encoder'].get('name')}) on {url}  (page {url}/, API {url}/v1/segment, "
+              f"{url}/openapi.json); Ctrl-C stops", flush=True)
+
+    serve(cfg, host=a.host, port=a.port, access_log=not a.no_access_log, on_ready=ready)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .engine.train import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+    from .engine.evaluate import PROTOCOLS
     from .model.fusioner import DEFAULT_PRESET, PRESETS
+    from .segmenter import MODES
     p = argparse.ArgumentParser(prog="fusionseg", description="Open-vocabulary semantic segmentation on frozen encoders.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -218,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None, help="working size: longer image side in px (default: the model's)")
     s.add_argument("--no-overlay", action="store_true", help="skip the overlay picture")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    s.add_argument("--mode", default="fusion", choices=list(MODES),
+                   help="fusion: the trained model; bridge: training-free, through the image encoder's classifier "
+                        "classes; fusion+bridge: the model for names it was trained on, the bridge for new ones")
     s.set_defaults(func=cmd_segment)
 
     t = sub.add_parser("train", help="train the fusion model (cached frozen features; torchrun for several GPUs)",
@@ -250,13 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the last checkpoint: of OUT (no value) or of RUN_DIR")
     t.add_argument("--no-fusion", action="store_true", help="ablation: no fusion transformer")
     t.add_argument("--pos-embed", default=None, choices=["none", "fourier"])
+    t.add_argument("--bridge-prior", action="store_true",
+                   help="feed the semantic bridge's per-class map to the model, trained with name dropout")
+    t.add_argument("--name-dropout", type=float, default=None,
+                   help="with --bridge-prior: share of classes per batch given the unknown-name token (0.5)")
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="measure a model: one-class episodes or whole-vocabulary mIoU")
     e.add_argument("--model", default="default")
     e.add_argument("--data", required=True, help="a dataset folder, or pascal5i:ROOT, coco20i:ROOT, fss1000:ROOT, mosaic4:ROOT")
-    e.add_argument("--protocol", default="semantic", choices=["episodes", "semantic"])
+    e.add_argument("--protocol", default="semantic", choices=list(PROTOCOLS),
+                   help="semantic: all classes at once; episodes: one class per episode; novel-names: "
+                        "discrimination, episodes and the wrong-name control for the names in --classes")
+    e.add_argument("--classes", default=None, help="novel-names protocol: comma-separated class names of the dataset")
+    e.add_argument("--mode", default="fusion", choices=list(MODES), help="scoring mode (see segment --mode)")
     e.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold 0-3")
     e.add_argument("--episodes", type=int, default=None, help="episode count (default: 1,000 for folds, else all)")
     e.add_argument("--threshold", type=float, default=None)
@@ -282,6 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint and the available encoders")
     i.add_argument("--model", default="default")
     i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("serve", help="web page + REST API (POST /v1/segment) over one loaded model")
+    v.add_argument("--model", default="default", help="'default' or a checkpoint (.safetensors or run folder)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda")
+    v.add_argument("--size", type=int, default=None, help="working size: longer image side in px (default: the model's)")
+    v.add_argument("--workers", type=int, default=1, help="requests computed at once (default 1)")
+    v.add_argument("--queue", type=int, default=8, help="requests waiting beyond those; more get 503 (default 8)")
+    v.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file in MiB (default 20)")
+    v.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels (default 40)")
+    v.add_argument("--max-classes", type=int, default=100, help="most class names per request (default 100)")
+    v.add_argument("--timeout", type=float, default=60.0, help="seconds before a request gets 504 (default 60)")
+    v.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    v.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    v.set_defaults(func=cmd_serve)
     return p
 
 

@@ -20,6 +20,11 @@ from .data.transforms import pad_to, resize_image, round_up, to_tensor
 from .model.checkpoint import load_model
 
 MAX_CLASSES = 1000
+#: How names are scored: the trained fusion model; the training-free classifier bridge; or the fusion model
+#: for names near its training vocabulary and the bridge for the others.
+MODES = ("fusion", "bridge", "fusion+bridge")
+#: fusion+bridge: a name whose text embedding has cosine >= this with a training name counts as known.
+KNOWN_NAME_SIMILARITY = 0.85
 
 
 @dataclass
@@ -85,13 +90,39 @@ class Segmenter:
     """
 
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
-                 threshold: float | None = None):
+                 threshold: float | None = None, mode: str = "fusion"):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         self.model = model.eval()
         self.meta = meta
         self.device = torch.device(device)
         self.size = int(size or meta.get("image_size", 320))
         self.threshold = float(meta.get("threshold", 0.5) if threshold is None else threshold)
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.mode = mode
+        self._bridge = None
+        self._vocab_emb: torch.Tensor | None = None
+        if mode != "fusion":
+            self.bridge  # fail now, with the list of encoders that have a classifier, not at the first image
+
+    @property
+    def bridge(self):
+        """The :class:`~fusionseg.model.bridge.ClassifierBridge` of this model's encoders (built on first use)."""
+        if self._bridge is None:
+            from .model.bridge import ClassifierBridge
+            self._bridge = ClassifierBridge(self.model.image_encoder, self.model.text_encoder)
+        return self._bridge
+
+    def known_names(self, names: Sequence[str]) -> list[bool]:
+        """Per name: True when its text embedding has cosine >= :data:`KNOWN_NAME_SIMILARITY` with a name the
+        model was trained on (a checkpoint without a recorded vocabulary: every name counts as known)."""
+        vocab = self.meta.get("training", {}).get("vocabulary") or []
+        if not vocab:
+            return [True] * len(names)
+        if self._vocab_emb is None:
+            self._vocab_emb = self.text_embeddings(vocab).float()
+        q = self.text_embeddings(list(names)).float()
+        return ((q @ self._vocab_emb.T).max(1).values >= KNOWN_NAME_SIMILARITY).tolist()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", device: str | None = None, **kw) -> "Segmenter":
@@ -127,12 +158,35 @@ class Segmenter:
 
     @torch.no_grad()
     def logits_from(self, encoded: "EncodedImage", class_names: Sequence[str]) -> torch.Tensor:
-        """-> logits ``(N, h, w)`` at the working size, cropped to the image (padding removed)."""
-        text = self.text_embeddings(list(class_names))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            lg = self.model.head(encoded.visual, text, encoded.padded)
+        """-> logits ``(N, h, w)`` at the working size, cropped to the image (padding removed), scored as
+        :attr:`mode` says (``fusion+bridge``: known names by the fusion model, the others by the bridge)."""
+        names = list(class_names)
+        text = self.text_embeddings(names)
         h, w = encoded.valid
-        return lg[0, :, :h, :w].float()
+        with_prior = bool(getattr(self.model.head.cfg, "prior", False))
+        unknown = None
+        if self.mode == "fusion":
+            fused = list(range(len(names)))
+        elif self.mode == "bridge":
+            fused = []
+        elif with_prior:  # one model for all names: unknown ones get the unknown-name token and their prior
+            fused = list(range(len(names)))
+            unknown = torch.tensor([not k for k in self.known_names(names)], device=self.device)
+        else:
+            fused = [i for i, k in enumerate(self.known_names(names)) if k]
+        bridged = [i for i in range(len(names)) if i not in set(fused)]
+        out = torch.empty(len(names), h, w, device=self.device)
+        if fused:
+            # Known names are decoded together without the others (class tokens attend to each other), so a
+            # name's fusion score does not depend on which unknown names were asked alongside it.
+            t = text[fused]
+            prior = self.bridge.logits(encoded.visual, t) if with_prior else None
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                lg = self.model.head(encoded.visual, t, encoded.padded, prior=prior, unknown=unknown)
+            out[fused] = lg[0, :, :h, :w].float()
+        if bridged:
+            out[bridged] = self.bridge.logits(encoded.visual, text[bridged], encoded.padded)[0, :, :h, :w].float()
+        return out
 
     def foreground(self, encoded: "EncodedImage", name: str, threshold: float | None = None) -> torch.Tensor:
         """One name alone -> ``(H, W)`` bool mask at the original size (sigmoid >= threshold), in row bands."""

@@ -91,6 +91,8 @@ class TrainConfig:
     loss_stride: int = 4
     fusion: bool = True
     pos_embed: str = "none"
+    bridge_prior: bool = False  # the bridge's per-class map as a model input (model/prior.py)
+    name_dropout: float = 0.5   # with bridge_prior: share of a batch's classes given the unknown-name token
     log_every: int = 50
     resume: bool | str = False        # True: continue OUT/state.pt; a folder: continue that run
     progress: bool = True
@@ -484,7 +486,7 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
 # ------------------------------------------------------------------------------------------------ validation
 @torch.no_grad()
 def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tensor], device, batch_size: int = 16,
-             dist: Dist | None = None) -> dict:
+             dist: Dist | None = None, bridge=None) -> dict:
     """Whole-vocabulary mIoU of each validation split on cached features (training resolution, view 0).
 
     A fast proxy for ``fusionseg evaluate`` (which works at the original resolution): datasets whose every
@@ -505,7 +507,8 @@ def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tenso
             rows = mine[s:s + batch_size]
             levels = [lv[rows, 0].to(device).float() for lv in cf.levels]
             masks = cf.masks[rows, 0].to(device).long()
-            lg = head(levels, text, tuple(masks.shape[-2:]))
+            prior = bridge.logits(levels, text) if bridge is not None else None
+            lg = head(levels, text, tuple(masks.shape[-2:]), prior=prior)
             best, idx = lg.max(1)
             lab = idx + 1
             if not argmax:
@@ -819,7 +822,12 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
             val_text.append(text_all[[row[normalize_name(n)] for n in ds.class_names]].to(device))
 
     mcfg = FusionerConfig.from_preset(cfg.preset, image_encoder.strides, image_encoder.channels, text.shape[1],
-                                      fusion=cfg.fusion, pos_embed=cfg.pos_embed)
+                                      fusion=cfg.fusion, pos_embed=cfg.pos_embed, prior=cfg.bridge_prior)
+    bridge = None
+    if cfg.bridge_prior:
+        from ..encoders.base import build_text_encoder
+        from ..model.bridge import ClassifierBridge
+        bridge = ClassifierBridge(image_encoder, build_text_encoder(cfg.text_encoder), cache_dir=cfg.cache_dir)
     head = FusionHead(mcfg).to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     decay = [p for n, p in head.named_parameters() if p.requires_grad and p.dim() >= 2]
@@ -858,7 +866,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
             log_f.flush()
 
     def checkpoint(path: Path, step: int) -> None:
-        rep = validate(head, val_sets, val_text, device, dist=dist) if val_sets else None
+        rep = validate(head, val_sets, val_text, device, dist=dist, bridge=bridge) if val_sets else None
         if not dist.main:
             return
         meta = json.loads(json.dumps(meta_base))
@@ -925,8 +933,14 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
+            prior = unknown = None
+            if bridge is not None:  # the bridge's map per class; name dropout gives some the unknown-name token
+                with torch.no_grad():
+                    prior = bridge.logits(levels, text[classes])
+                names_rng = step_rng(cfg.seed, step, "names")
+                unknown = torch.tensor([names_rng.random() < cfg.name_dropout for _ in classes], device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = fwd(levels, text[classes])
+                logits = fwd(levels, text[classes], prior=prior, unknown=unknown)
             s, c = bce_terms(logits, masks, kn, classes, cfg.loss_stride)
             count = dist.sum_(c.detach().float().clone()).clamp(min=1)
             loss = s / count
