@@ -133,7 +133,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     _check_writable(out)
     if a.threads:
         torch.set_num_threads(a.threads)
-    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile)
+    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile, mode=a.mode)
     thr = seg.threshold if a.threshold is None else a.threshold
     workers = a.workers if len(paths) >= 4 else 0  # starting processes does not pay for a few images
     ds = _SegmentInputs(paths, seg.preparer(), not a.no_overlay)
@@ -172,27 +172,59 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .engine.train import TrainConfig, train
+    from .engine.train import CONFIG_FILE, TrainError, load_config_file, make_config, parse_set, train
+    values: dict = {}
+    resume = a.resume
+    if isinstance(resume, str) and not a.config and not a.data:
+        saved = Path(resume) / CONFIG_FILE  # `fusionseg train --resume RUN_DIR`: the run's own config
+        if not saved.is_file():
+            raise CLIError(f"cannot resume {resume}: no {CONFIG_FILE} in it (give --config/--data as well, or a run folder)")
+        values.update(load_config_file(saved))
+    if a.config:
+        values.update(load_config_file(a.config))
+    for item in a.set or []:
+        k, v = parse_set(item)
+        values[k] = v
+    flags = {"data": a.data, "out": a.out, "image_encoder": a.image_encoder, "text_encoder": a.text_encoder,
+             "preset": a.preset, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "size": a.size,
+             "val_fraction": a.val_fraction, "holdout": a.holdout, "checkpoint_every": a.checkpoint_every,
+             "seed": a.seed, "device": a.device, "cache_dir": a.cache_dir, "pos_embed": a.pos_embed,
+             "workers": a.workers, "fold": a.fold}
+    values.update({k: v for k, v in flags.items() if v is not None})
     if a.steps is not None and a.steps < 1:
         raise CLIError("--steps must be at least 1")
-    excl = [c for c in (a.exclude_classes or "").split(",") if c.strip()]
-    cfg = TrainConfig(data=a.data, out=a.out, image_encoder=a.image_encoder, text_encoder=a.text_encoder,
-                      preset=a.preset, device=a.device, cache_dir=a.cache_dir, resume=a.resume,
-                      exclude_classes=excl, holdout=a.holdout or [], fusion=not a.no_fusion,
-                      pos_embed=a.pos_embed)
+    if a.exclude_classes is not None:
+        values["exclude_classes"] = [c for c in a.exclude_classes.split(",") if c.strip()]
     if a.scales:
         try:
-            cfg.scales = [int(v) for v in a.scales.split(",") if v.strip()]
+            values["scales"] = [int(v) for v in a.scales.split(",") if v.strip()]
         except ValueError:
             raise CLIError(f"--scales must be comma-separated integers, got {a.scales!r}") from None
-    for k in ("steps", "batch_size", "lr", "size", "checkpoint_every", "seed", "val_fraction"):
-        v = getattr(a, k)
-        if v is not None:
-            setattr(cfg, k, v)
+    if a.no_fusion:
+        values["fusion"] = False
+    if a.no_cache:
+        values["cache"] = False
+    if a.compile:
+        values["compile"] = True
+    if resume is not None:
+        values["resume"] = resume
+    if isinstance(resume, str) and a.out and Path(a.out).resolve() != Path(resume).resolve():
+        raise CLIError(f"--resume {resume} continues that run folder; leave --out out or give the same folder")
+    if isinstance(resume, str):
+        values["out"] = resume
+    if a.bridge_prior:
+        values["bridge_prior"] = True
+    if a.name_dropout is not None:
+        values["name_dropout"] = a.name_dropout
+    cfg = make_config(values)
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    train(cfg)
+    try:
+        train(cfg)
+    except TrainError as e:  # the run stopped itself (e.g. non-finite losses): one line, exit 1
+        print(f"fusionseg train: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -208,7 +240,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             _check_writable(Path(p).resolve().parent)
     rep = evaluate(model=a.model, data=a.data, protocol=a.protocol, fold=a.fold, threshold=a.threshold,
                    device=a.device, json_path=a.json, report_path=a.report, max_images=a.max_images,
-                   episodes=a.episodes)
+                   episodes=a.episodes, classes=a.classes, mode=a.mode)
     print(rep["table"])
     for p in (a.json, a.report):
         if p:
@@ -217,14 +249,26 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_cache(a: argparse.Namespace) -> int:
-    from .data.datasets import FolderDataset
     from .data.features import cache_features
-    from .encoders.base import build_image_encoder
-    enc = build_image_encoder(a.image_encoder)
-    for d in a.data:
-        ds = FolderDataset(d)
-        cf = cache_features(ds, enc, a.size, 2, a.cache_dir, device=a.device)
-        print(f"{ds.name}: {len(ds)} images {'already cached' if cf.hit else 'cached'} in {cf.path}")
+    from .engine.train import build_encoder_for_training, default_scales, init_distributed, open_datasets
+    dist, device = init_distributed(a.device)  # under torchrun each rank computes its share of the shards
+    try:
+        enc = build_encoder_for_training(a.image_encoder, "image").to(device)
+        sizes = [a.size] if not a.scales else [int(v) for v in a.scales.split(",") if v.strip()]
+        if a.scales is None and a.train_scales:
+            sizes = default_scales(a.size)
+        for ds in open_datasets(a.data, a.fold):
+            for sz in sizes:
+                cf = cache_features(ds, enc, sz, 2, a.cache_dir, device=device, progress=dist.main,
+                                    shard_size=a.shard_size, rank=dist.rank, world_size=dist.world,
+                                    barrier=dist.barrier)
+                if dist.main:
+                    print(f"{ds.name} at {sz} px: {len(ds)} images {'already cached' if cf.hit else 'cached'} in "
+                          f"{cf.path}" + ("" if cf.hit else f" ({cf.computed} computed by this process)"))
+    finally:
+        if dist.enabled:
+            import torch
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -248,9 +292,32 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import ServeConfig, missing_dependencies, serve
+    missing = missing_dependencies()
+    if missing:
+        raise CLIError(f"fusionseg serve needs {', '.join(missing)}: pip install 'fusionseg[serve]'")
+    if not 0 <= a.port <= 65535:
+        raise CLIError(f"--port must be 0..65535, got {a.port}")
+    cfg = ServeConfig(model=a.model, device=a.device, size=a.size, workers=a.workers, queue=a.queue,
+                      max_upload_bytes=int(a.max_upload_mb * 1024 * 1024), max_pixels=int(a.max_megapixels * 1e6),
+                      max_classes=a.max_classes, timeout=a.timeout, threads=a.threads).check()
+
+    def ready(url: str, app) -> None:
+        info = app.state.service.model_info()
+        print(f"fusionseg serve: model {a.model} ({info['image_encoder'].get('name')} + "
+              f"{info['text_encoder'].get('name')}) on {url}  (page {url}/, API {url}/v1/segment, "
+              f"{url}/openapi.json); Ctrl-C stops", flush=True)
+
+    serve(cfg, host=a.host, port=a.port, access_log=not a.no_access_log, on_ready=ready)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .engine.train import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+    from .engine.evaluate import PROTOCOLS
     from .model.fusioner import DEFAULT_PRESET, PRESETS
+    from .segmenter import MODES
     p = argparse.ArgumentParser(prog="fusionseg", description="Open-vocabulary semantic segmentation on frozen encoders.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -271,36 +338,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes decoding images ahead of the model (default 2; 0 = in the main process)")
     s.add_argument("--tile", type=int, default=None,
                    help="sliding-window side in px at the working size (default: automatic above 1536 px; 0 = off)")
+    s.add_argument("--mode", default="fusion", choices=list(MODES),
+                   help="fusion: the trained model; bridge: training-free, through the image encoder's classifier "
+                        "classes; fusion+bridge: the model for names it was trained on, the bridge for new ones")
     s.set_defaults(func=cmd_segment)
 
-    t = sub.add_parser("train", help="train the fusion model on folder datasets (cached frozen features)")
-    t.add_argument("--data", action="append", required=True, help="dataset folder (fusionseg-folder/1); repeat to mix")
-    t.add_argument("--out", required=True, help="run folder; the final checkpoint is OUT/final.safetensors")
-    t.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER)
-    t.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER)
-    t.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    t = sub.add_parser("train", help="train the fusion model (cached frozen features; torchrun for several GPUs)",
+                       description="Flags override the --config file; --set key=value overrides any config key.")
+    t.add_argument("--config", default=None, help="TOML recipe, e.g. configs/cpu-default.toml")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    t.add_argument("--data", action="append", default=None,
+                   help="dataset folder (fusionseg-folder/1), pascal5i:ROOT or coco20i:ROOT (with --fold); repeat to mix")
+    t.add_argument("--out", default=None, help="run folder; the final checkpoint is OUT/final.safetensors")
+    t.add_argument("--image-encoder", default=None, help=f"default {DEFAULT_IMAGE_ENCODER}")
+    t.add_argument("--text-encoder", default=None, help=f"default {DEFAULT_TEXT_ENCODER}")
+    t.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"default {DEFAULT_PRESET}")
     t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None, help="global batch (split over torchrun processes)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--size", type=int, default=None, help="training size (longer side, px)")
     t.add_argument("--scales", default=None, help="comma-separated training scales in px (default: 0.8x, 1x, 1.2x --size)")
     t.add_argument("--val-fraction", type=float, default=None, help="whole images per dataset kept out for validation")
     t.add_argument("--holdout", action="append", help="image id always kept out of training (repeatable)")
     t.add_argument("--exclude-classes", default=None, help="names never used in training; their pixels are ignored")
+    t.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold 0-3 (novel classes left out)")
     t.add_argument("--checkpoint-every", type=int, default=None)
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     t.add_argument("--cache-dir", default=None, help="feature cache folder (default ~/.cache/fusionseg or $FUSIONSEG_CACHE)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    t.add_argument("--no-cache", action="store_true", help="run the frozen encoder every step (no feature cache)")
+    t.add_argument("--workers", type=int, default=None, help="DataLoader workers for --no-cache")
+    t.add_argument("--compile", action="store_true", help="torch.compile the trained head (GPU)")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue from the last checkpoint: of OUT (no value) or of RUN_DIR")
     t.add_argument("--no-fusion", action="store_true", help="ablation: no fusion transformer")
-    t.add_argument("--pos-embed", default="none", choices=["none", "fourier"])
+    t.add_argument("--pos-embed", default=None, choices=["none", "fourier"])
+    t.add_argument("--bridge-prior", action="store_true",
+                   help="feed the semantic bridge's per-class map to the model, trained with name dropout")
+    t.add_argument("--name-dropout", type=float, default=None,
+                   help="with --bridge-prior: share of classes per batch given the unknown-name token (0.5)")
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="measure a model: one-class episodes or whole-vocabulary mIoU")
     e.add_argument("--model", default="default")
     e.add_argument("--data", required=True, help="a dataset folder, or pascal5i:ROOT, coco20i:ROOT, fss1000:ROOT, mosaic4:ROOT")
-    e.add_argument("--protocol", default="semantic", choices=["episodes", "semantic"])
+    e.add_argument("--protocol", default="semantic", choices=list(PROTOCOLS),
+                   help="semantic: all classes at once; episodes: one class per episode; novel-names: "
+                        "discrimination, episodes and the wrong-name control for the names in --classes")
+    e.add_argument("--classes", default=None, help="novel-names protocol: comma-separated class names of the dataset")
+    e.add_argument("--mode", default="fusion", choices=list(MODES), help="scoring mode (see segment --mode)")
     e.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold 0-3")
     e.add_argument("--episodes", type=int, default=None, help="episode count (default: 1,000 for folds, else all)")
     e.add_argument("--threshold", type=float, default=None)
@@ -311,10 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
 
-    c = sub.add_parser("cache", help="compute the frozen-feature cache of dataset folders")
-    c.add_argument("--data", action="append", required=True)
+    c = sub.add_parser("cache", help="compute the frozen-feature cache of datasets (a separate pass; torchrun shards it)")
+    c.add_argument("--data", action="append", required=True, help="dataset folder, pascal5i:ROOT or coco20i:ROOT")
+    c.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold (its training split)")
     c.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER)
     c.add_argument("--size", type=int, default=320)
+    c.add_argument("--scales", default=None, help="comma-separated sizes to cache (default: --size)")
+    c.add_argument("--train-scales", action="store_true", help="cache the default training scales of --size (0.8x, 1x, 1.2x)")
+    c.add_argument("--shard-size", type=int, default=256, help="images per shard")
     c.add_argument("--device", default="cpu")
     c.add_argument("--cache-dir", default=None)
     c.set_defaults(func=cmd_cache)
@@ -322,6 +413,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint and the available encoders")
     i.add_argument("--model", default="default")
     i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("serve", help="web page + REST API (POST /v1/segment) over one loaded model")
+    v.add_argument("--model", default="default", help="'default' or a checkpoint (.safetensors or run folder)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda")
+    v.add_argument("--size", type=int, default=None, help="working size: longer image side in px (default: the model's)")
+    v.add_argument("--workers", type=int, default=1, help="requests computed at once (default 1)")
+    v.add_argument("--queue", type=int, default=8, help="requests waiting beyond those; more get 503 (default 8)")
+    v.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file in MiB (default 20)")
+    v.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels (default 40)")
+    v.add_argument("--max-classes", type=int, default=100, help="most class names per request (default 100)")
+    v.add_argument("--timeout", type=float, default=60.0, help="seconds before a request gets 504 (default 60)")
+    v.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    v.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    v.set_defaults(func=cmd_serve)
     return p
 
 

@@ -11,6 +11,7 @@ memory stays bounded whatever the working size. Several images of one padded sha
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,11 @@ AUTO_TILE_ABOVE = 1536
 DEFAULT_TILE = 768
 #: Fraction of a window shared with its neighbour (features are kept up to the middle of the overlap).
 OVERLAP = 0.5
+#: How names are scored: the trained fusion model; the training-free classifier bridge; or the fusion model
+#: for names near its training vocabulary and the bridge for the others.
+MODES = ("fusion", "bridge", "fusion+bridge")
+#: fusion+bridge: a name whose text embedding has cosine >= this with a training name counts as known.
+KNOWN_NAME_SIMILARITY = 0.85
 
 
 @dataclass
@@ -117,6 +123,7 @@ class TextCache:
             raise ValueError(f"text cache size must be at least 1, got {maxsize}")
         self.maxsize = int(maxsize)
         self._d: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()  # a server shares one Segmenter between worker threads
         self.hits = 0
         self.misses = 0
 
@@ -126,19 +133,21 @@ class TextCache:
         return (str(fingerprint), t, name)
 
     def get(self, key: tuple) -> torch.Tensor | None:
-        v = self._d.get(key)
-        if v is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._d.move_to_end(key)
-        return v
+        with self._lock:
+            v = self._d.get(key)
+            if v is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._d.move_to_end(key)
+            return v
 
     def put(self, key: tuple, value: torch.Tensor) -> None:
-        self._d[key] = value
-        self._d.move_to_end(key)
-        while len(self._d) > self.maxsize:
-            self._d.popitem(last=False)
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.maxsize:
+                self._d.popitem(last=False)
 
     def clear(self) -> None:
         self._d.clear()
@@ -186,7 +195,9 @@ class Segmenter:
 
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
                  threshold: float | None = None, tile: int | None = None, text_cache: TextCache | None = None,
-                 text_cache_size: int = 4096):
+                 text_cache_size: int = 4096, mode: str = "fusion"):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         self.model = model.eval()
         self.meta = meta
         self.device = torch.device(device)
@@ -198,6 +209,30 @@ class Segmenter:
             raise ValueError(f"tile must be 0 (off) or at least 64 px, got {tile}")
         self.tile = tile
         self.text_cache = text_cache if text_cache is not None else TextCache(text_cache_size)
+        self.mode = mode
+        self._bridge = None
+        self._vocab_emb: torch.Tensor | None = None
+        if mode != "fusion":
+            self.bridge  # fail now, with the list of encoders that have a classifier, not at the first image
+
+    @property
+    def bridge(self):
+        """The :class:`~fusionseg.model.bridge.ClassifierBridge` of this model's encoders (built on first use)."""
+        if self._bridge is None:
+            from .model.bridge import ClassifierBridge
+            self._bridge = ClassifierBridge(self.model.image_encoder, self.model.text_encoder)
+        return self._bridge
+
+    def known_names(self, names: Sequence[str]) -> list[bool]:
+        """Per name: True when its text embedding has cosine >= :data:`KNOWN_NAME_SIMILARITY` with a name the
+        model was trained on (a checkpoint without a recorded vocabulary: every name counts as known)."""
+        vocab = self.meta.get("training", {}).get("vocabulary") or []
+        if not vocab:
+            return [True] * len(names)
+        if self._vocab_emb is None:
+            self._vocab_emb = self.text_embeddings(vocab).float()
+        q = self.text_embeddings(list(names)).float()
+        return ((q @ self._vocab_emb.T).max(1).values >= KNOWN_NAME_SIMILARITY).tolist()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", device: str | None = None, **kw) -> "Segmenter":
@@ -248,11 +283,47 @@ class Segmenter:
 
     @torch.inference_mode()
     def logits_from(self, encoded: "EncodedImage", class_names: Sequence[str]) -> torch.Tensor:
-        """-> logits ``(N, h, w)`` at the working size, cropped to the image (padding removed)."""
-        text = self.text_embeddings(list(class_names))
+        """-> logits ``(N, h, w)`` at the working size, cropped to the image (padding removed), scored as
+        :attr:`mode` says."""
+        names = list(class_names)
+        text = self.text_embeddings(names)
         with self._autocast():
-            lg = head_logits(self.model.head, encoded.visual, text, encoded.padded, encoded.valid)
-        return lg[0].float()
+            low = self.low_logits(encoded.visual, names, text)
+        return upsample_crop(low, encoded.padded, encoded.valid)[0].float()
+
+    def low_logits(self, visual, names: Sequence[str], text: torch.Tensor) -> torch.Tensor:
+        """Encoder maps + names -> logits ``(B, N, hl, wl)`` at the decoder's resolution, scored as :attr:`mode`
+        says: ``fusion`` the trained model; ``bridge`` the classifier bridge; ``fusion+bridge`` the model for
+        names near its training vocabulary and the bridge for the others (a model trained with the bridge as
+        input instead takes every name, the unknown ones with its unknown-name token)."""
+        cfg = self.model.head.cfg
+        with_prior = bool(getattr(cfg, "prior", False))
+        unknown = None
+        if self.mode == "fusion":
+            fused = list(range(len(names)))
+        elif self.mode == "bridge":
+            fused = []
+        elif with_prior:
+            fused = list(range(len(names)))
+            unknown = torch.tensor([not k for k in self.known_names(names)], device=self.device)
+        else:
+            fused = [i for i, k in enumerate(self.known_names(names)) if k]
+        if len(fused) == len(names):
+            prior = self.bridge.logits(visual, text) if with_prior else None
+            return self.model.head(visual, text, prior=prior, unknown=unknown)
+        # Known names are decoded together without the others (class tokens attend to each other), so a
+        # name's fusion score does not depend on which unknown names were asked alongside it.
+        ref = visual[max(cfg.token_levels(), key=lambda i: cfg.visual_strides[i])]
+        f = cfg.token_stride // cfg.output_stride
+        hl, wl = ref.shape[-2] * f, ref.shape[-1] * f
+        out = torch.empty(ref.shape[0], len(names), hl, wl, device=ref.device)
+        if fused:
+            lo = self.model.head(visual, text[fused])
+            out[:, fused] = F.interpolate(lo.float(), size=(hl, wl), mode="bilinear", align_corners=False) \
+                if tuple(lo.shape[-2:]) != (hl, wl) else lo.float()
+        bridged = [i for i in range(len(names)) if i not in set(fused)]
+        out[:, bridged] = self.bridge.logits(visual, text[bridged], (hl, wl)).float()
+        return out
 
     def foreground(self, encoded: "EncodedImage", name: str, threshold: float | None = None) -> torch.Tensor:
         """One name alone -> ``(H, W)`` bool mask at the original size (sigmoid >= threshold), in row bands."""
@@ -308,7 +379,7 @@ class Segmenter:
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(preps):
             if self._tile_for(p):
-                lr, region = self._tiled_lowres(p, text, self._tile_for(p))
+                lr, region = self._tiled_lowres(p, text, self._tile_for(p), names)
                 labels, scores = labels_from_logits(lr, p.orig, thr, background, region=region)
                 out[i] = Prediction(labels, scores, list(names))
             else:
@@ -317,7 +388,7 @@ class Segmenter:
             x = torch.cat([preps[i].x for i in idx]).to(self.device)
             with self._autocast():
                 visual = self.model.encode_image(x)
-                low = self.model.head(visual, text)  # (B, N, Hp/os, Wp/os): decoder resolution
+                low = self.low_logits(visual, names, text)  # (B, N, Hp/os, Wp/os): decoder resolution
             for b, i in enumerate(idx):
                 lg = upsample_crop(low[b:b + 1], shape, preps[i].valid)[0].float()
                 labels, scores = labels_from_logits(lg, preps[i].orig, thr, background)
@@ -325,7 +396,7 @@ class Segmenter:
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _tiled_lowres(self, p: Prepared, text: torch.Tensor, tile: int) -> tuple[torch.Tensor, tuple[float, float]]:
+    def _tiled_lowres(self, p: Prepared, text: torch.Tensor, tile: int, names: Sequence[str]) -> tuple[torch.Tensor, tuple[float, float]]:
         """Sliding-window encoding: the frozen encoder runs on overlapping windows of ``tile`` px (its activations
         are what grows with the image), each window's feature maps are kept where it owns the image (up to the
         middle of each overlap, away from its padded borders) and stitched; the fusion transformer, decoder and
@@ -357,7 +428,7 @@ class Segmenter:
                     m[0, :, y0 // s:y1 // s, x0 // s:x1 // s] = \
                         f[n, :, (y0 - ys[j]) // s:(y1 - ys[j]) // s, (x0 - xs[i]) // s:(x1 - xs[i]) // s]
         with self._autocast():
-            low = self.model.head(maps, text)
+            low = self.low_logits(maps, names, text)
         return low[0].float(), (w / os_, h / os_)
 
 

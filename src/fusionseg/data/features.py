@@ -1,27 +1,49 @@
-"""Frozen-feature cache: encoder maps computed once per (image, view) and kept on disk.
+"""Frozen-feature cache: encoder maps computed once per (image, view) and kept on disk in checksummed shards.
 
-Layout: ``CACHE/<encoder name>-<fingerprint>/<dataset>-<hash of its path and ids>-s<size>.safetensors``
-holding, for N images, every encoder level as one ``(N, V, C_i, h_i, w_i)`` fp16 tensor (V views: original
-and horizontally flipped) and the masks as ``(N, V, size, size)`` uint8. The file's metadata records the ids,
-so a cache hit gives bit-identical features without running the encoder.
+Layout::
+
+    CACHE/<encoder name>-<encoder fingerprint>/<dataset>-<hash of its root, classes, size, views>/
+        shard-<hash of its ids>.safetensors   every level as (n, V, C_i, h_i, w_i) fp16 + masks (n, V, S, S) uint8
+        shard-<hash of its ids>.json          the shard's index entry: ids, sha256 of the file bytes, shapes
+
+A store is keyed by the encoder fingerprint and the (dataset, size, views); inside it every image id lives in
+exactly one shard, so any subset of a dataset (the training split, the validation split, a rank's share)
+reads the shards that hold its ids and computes only the ids no shard holds. Views are the original and the
+horizontally flipped image (``views=2``); scale jitter is a separate store per training size, and crops are
+taken on the cached grid at training time (``engine.train.sample_batch``), so augmentation stays real.
+
+Integrity: a shard is written to a temporary file, fsynced and renamed, and only then is its ``.json`` entry
+written (same way). A shard without an entry (a kill mid-write) is ignored and recomputed; a shard whose bytes
+do not match the recorded sha256 (truncated, bit rot) is reported with a warning, deleted and recomputed.
+Loading never uses bytes that were not verified.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import load_file, save as save_bytes
 from tqdm import tqdm
 
 from ..encoders.base import ImageEncoder
-from .datasets import FolderDataset
 from .transforms import prepare_training_pair
+
+FORMAT = "fusionseg-cache/2"
+DEFAULT_SHARD_SIZE = 256
+
+
+class CacheError(OSError):
+    """The feature cache could not be written (disk full, permissions): the message says where and what to do."""
 
 
 def default_cache_dir() -> Path:
@@ -35,67 +57,261 @@ class CachedFeatures:
     ids: list[str]
     levels: list[torch.Tensor]
     masks: torch.Tensor
-    path: Path
-    hit: bool
+    path: Path          # the store folder
+    hit: bool           # every id came from verified shards (nothing computed)
+    computed: int = 0   # images computed in this call (by this process)
 
 
-def _key(ds: FolderDataset, size: int, views: int) -> str:
-    h = hashlib.sha256(json.dumps([str(ds.root.resolve()), ds.ids, size, views, ds.meta.get("classes")]).encode())
-    return f"{ds.name}-{h.hexdigest()[:12]}-s{size}-v{views}"
+def _classes_key(ds) -> object:
+    meta = getattr(ds, "meta", None)
+    if isinstance(meta, dict) and "classes" in meta:
+        return [meta.get("classes"), meta.get("background_values"), meta.get("ignore_values")]
+    return [list(ds.class_names), getattr(ds, "novel_as_ignore", None), getattr(ds, "fold", None)]
+
+
+def store_dir(ds, encoder: ImageEncoder, size: int, views: int, cache_dir: str | Path | None = None) -> Path:
+    """Folder of the shards of ``ds`` at ``size`` px with ``views`` views for ``encoder``."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = root / f"{encoder.spec.name.replace('/', '_').replace(':', '_')}-{encoder.spec.fingerprint}"
+    h = hashlib.sha256(json.dumps([str(Path(ds.root).resolve()), _classes_key(ds), size, views]).encode())
+    return folder / f"{ds.name}-{h.hexdigest()[:12]}-s{size}-v{views}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename.
+
+    A failure (disk full) leaves any previous ``path`` untouched and removes the temporary file.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _disk_error(e: OSError, what: Path) -> CacheError:
+    reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    err = CacheError(f"could not write the feature cache {what}: {reason}; free space or pass --cache-dir on "
+                     f"another disk (nothing half-written was kept)")
+    err.errno = e.errno
+    return err
+
+
+def _scan(store: Path) -> dict[str, dict]:
+    """Shard entries of a store: {shard file name: entry}; shards without an entry are left out."""
+    out = {}
+    if not store.is_dir():
+        return out
+    for j in sorted(store.glob("shard-*.json")):
+        try:
+            e = json.loads(j.read_text())
+            if e.get("format") == FORMAT and (store / e["file"]).name:
+                out[e["file"]] = e
+        except (OSError, ValueError, KeyError):
+            warnings.warn(f"feature cache: unreadable index entry {j}; its shard will be recomputed", stacklevel=3)
+    return out
+
+
+def _load_verified(store: Path, entry: dict) -> dict[str, torch.Tensor] | None:
+    """The shard's tensors if its bytes match the recorded sha256, else None (after a warning; the bad shard
+    and its entry are removed so that it is recomputed)."""
+    f = store / entry["file"]
+    problem = None
+    try:
+        data = f.read_bytes()
+    except OSError as e:
+        data, problem = None, f"unreadable ({e.strerror or e})"
+    if data is not None and hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        problem = f"checksum mismatch ({len(data)} bytes on disk; truncated or corrupted)"
+    tensors = None
+    if problem is None:
+        try:
+            tensors = load_bytes(data)
+        except Exception as e:  # noqa: BLE001 - any parse error means the shard is unusable
+            problem = f"not a readable safetensors file ({e})"
+    if problem is not None:
+        warnings.warn(f"feature cache: shard {f} is {problem}; recomputing its {len(entry.get('ids', []))} images",
+                      stacklevel=3)
+        for p in (f, f.with_suffix(".json")):
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:
+                pass
+        return None
+    return tensors
+
+
+def _shard_name(ids: Sequence[str]) -> str:
+    return "shard-" + hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def cache_features(ds: FolderDataset, encoder: ImageEncoder, size: int = 320, views: int = 2,
-                   cache_dir: str | Path | None = None, batch_size: int = 16, device: str | torch.device = "cpu",
-                   progress: bool = True) -> CachedFeatures:
-    """Compute (or load) the cached encoder maps of every image of ``ds`` at ``size`` px (longer side, padded square)."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    folder = root / f"{encoder.spec.name.replace('/', '_').replace(':', '_')}-{encoder.spec.fingerprint}"
-    path = folder / (_key(ds, size, views) + ".safetensors")
-    if path.is_file():
-        t = load_file(str(path))
-        n_levels = len([k for k in t if k.startswith("level")])
-        return CachedFeatures(list(ds.ids), [t[f"level{i}"] for i in range(n_levels)], t["masks"], path, True)
-    folder.mkdir(parents=True, exist_ok=True)
-    encoder = encoder.to(device)
-    n = len(ds)
+def _compute_shard(ds, positions: Sequence[int], encoder: ImageEncoder, size: int, views: int, batch_size: int,
+                   device, bar) -> dict[str, torch.Tensor]:
+    n = len(positions)
     levels: list[torch.Tensor] | None = None
     masks = torch.empty(n, views, size, size, dtype=torch.uint8)
-    bar = tqdm(total=n, desc=f"caching {ds.name}", unit="img", disable=not progress, dynamic_ncols=True)
-    t0 = time.time()
     for start in range(0, n, batch_size):
         xs, ms = [], []
-        for i in range(start, min(n, start + batch_size)):
-            s = ds[i]
+        for p in positions[start:start + batch_size]:
+            s = ds[p]
             x, m = prepare_training_pair(s.image, s.mask, size, encoder.mean, encoder.std)
             xs.append(x)
             ms.append(m)
-        x = torch.stack(xs)
-        m = torch.stack(ms)
-        batch_views = [x, x.flip(-1)][:views]
-        mask_views = [m, m.flip(-1)][:views]
-        for v, (xv, mv) in enumerate(zip(batch_views, mask_views)):
+        x, m = torch.stack(xs), torch.stack(ms)
+        for v, (xv, mv) in enumerate(list(zip([x, x.flip(-1)], [m, m.flip(-1)]))[:views]):
             outs = encoder(xv.to(device))
             if levels is None:
                 levels = [torch.empty(n, views, *o.shape[1:], dtype=torch.float16) for o in outs]
             for lv, o in zip(levels, outs):
                 lv[start:start + len(xs), v] = o.to("cpu", torch.float16)
             masks[start:start + len(xs), v] = mv
-        bar.update(len(xs))
-    bar.close()
+        if bar is not None:
+            bar.update(len(xs))
     assert levels is not None
-    tensors = {f"level{i}": lv.contiguous() for i, lv in enumerate(levels)}
-    tensors["masks"] = masks
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
-    os.close(fd)
+    t = {f"level{i}": lv.contiguous() for i, lv in enumerate(levels)}
+    t["masks"] = masks
+    return t
+
+
+def _write_shard(store: Path, ids: list[str], tensors: dict[str, torch.Tensor], seconds: float) -> None:
+    name = _shard_name(ids)
     try:
-        save_file(tensors, tmp, metadata={"ids": json.dumps(ds.ids), "dataset": str(ds.root), "size": str(size),
-                                          "seconds": f"{time.time() - t0:.1f}"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        store.mkdir(parents=True, exist_ok=True)
+        data = save_bytes(tensors, metadata={"ids": json.dumps(ids)})
+        write_atomic(store / f"{name}.safetensors", data)
+        entry = {"format": FORMAT, "file": f"{name}.safetensors", "ids": ids,
+                 "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "seconds": round(seconds, 2),
+                 "shapes": {k: list(v.shape) for k, v in tensors.items()}}
+        write_atomic(store / f"{name}.json", json.dumps(entry).encode())
+    except CacheError:
         raise
-    return CachedFeatures(list(ds.ids), levels, masks, path, False)
+    except OSError as e:
+        raise _disk_error(e, store / f"{name}.safetensors") from None
+
+
+@torch.no_grad()
+def cache_features(ds, encoder: ImageEncoder, size: int = 320, views: int = 2,
+                   cache_dir: str | Path | None = None, batch_size: int = 16, device: str | torch.device = "cpu",
+                   progress: bool = True, shard_size: int = DEFAULT_SHARD_SIZE, rank: int = 0, world_size: int = 1,
+                   barrier: Callable[[], None] | None = None) -> CachedFeatures:
+    """Compute (or load) the cached encoder maps of every image of ``ds`` at ``size`` px (longer side, padded square).
+
+    ``ds`` is any dataset with ``root``, ``name``, ``ids``, ``class_names`` and ``ds[i] -> Sample``. Ids that no
+    verified shard holds are computed in shards of ``shard_size`` images; under DDP (``world_size > 1``) rank r
+    computes missing shards r, r + world_size, ... and ``barrier`` is called before everyone reads.
+    """
+    if len(ds) == 0:
+        raise ValueError(f"{ds.name}: no images to cache")
+    store = store_dir(ds, encoder, size, views, cache_dir)
+    want = list(ds.ids)
+    where: dict[str, tuple[str, int]] = {}
+    for fname, e in _scan(store).items():
+        for row, i in enumerate(e["ids"]):
+            where.setdefault(i, (fname, row))
+    missing = [p for p, i in enumerate(want) if i not in where]
+    computed = 0
+    if missing:
+        chunks = [missing[s:s + shard_size] for s in range(0, len(missing), shard_size)]
+        mine = chunks[rank::world_size]
+        encoder = encoder.to(device)
+        total = sum(len(c) for c in mine)
+        bar = tqdm(total=total, desc=f"caching {ds.name} at {size} px", unit="img",
+                   disable=not progress or total == 0, dynamic_ncols=True)
+        for c in mine:
+            t0 = time.time()
+            tensors = _compute_shard(ds, c, encoder, size, views, batch_size, device, bar)
+            _write_shard(store, [want[p] for p in c], tensors, time.time() - t0)
+            computed += len(c)
+        bar.close()
+    if world_size > 1 and barrier is not None:
+        barrier()
+    if missing:
+        where = {}
+        for fname, e in _scan(store).items():
+            for row, i in enumerate(e["ids"]):
+                where.setdefault(i, (fname, row))
+    rest = [p for p, i in enumerate(want) if i not in where]
+    if rest:  # other ranks' shares when no one else built them (no barrier), or shards lost meanwhile
+        encoder = encoder.to(device)
+        for s in range(0, len(rest), shard_size):
+            c = rest[s:s + shard_size]
+            t0 = time.time()
+            _write_shard(store, [want[p] for p in c], _compute_shard(ds, c, encoder, size, views, batch_size, device,
+                                                                      None), time.time() - t0)
+            computed += len(c)
+        where = {}
+        for fname, e in _scan(store).items():
+            for row, i in enumerate(e["ids"]):
+                where.setdefault(i, (fname, row))
+    # Read every needed shard once, verifying it; a bad shard is recomputed here (by whoever finds it).
+    entries = _scan(store)
+    rows_by_shard: dict[str, list[tuple[int, int]]] = {}
+    for p, i in enumerate(want):
+        f, row = where[i]
+        rows_by_shard.setdefault(f, []).append((p, row))
+    levels: list[torch.Tensor] | None = None
+    masks: torch.Tensor | None = None
+    hit = not missing
+    for f, pairs in rows_by_shard.items():
+        t = _load_verified(store, entries[f]) if f in entries else None
+        if t is None:  # corrupt or vanished: recompute exactly these images into a fresh shard
+            hit = False
+            ids = entries[f]["ids"] if f in entries else None
+            pos = {i: p for p, i in enumerate(want)}
+            recompute_ids = ids if ids and all(i in pos for i in ids) else [want[p] for p, _ in pairs]
+            t0 = time.time()
+            t = _compute_shard(ds, [pos[i] for i in recompute_ids], encoder.to(device), size, views, batch_size,
+                               device, None)
+            _write_shard(store, list(recompute_ids), t, time.time() - t0)
+            computed += len(recompute_ids)
+            rowmap = {i: r for r, i in enumerate(recompute_ids)}
+            pairs = [(p, rowmap[want[p]]) for p, _ in pairs]
+        n_levels = len([k for k in t if k.startswith("level")])
+        if levels is None:
+            levels = [torch.empty(len(want), *t[f"level{k}"].shape[1:], dtype=torch.float16) for k in range(n_levels)]
+            masks = torch.empty(len(want), *t["masks"].shape[1:], dtype=torch.uint8)
+        dst = torch.tensor([p for p, _ in pairs])
+        src = torch.tensor([r for _, r in pairs])
+        for k in range(n_levels):
+            levels[k][dst] = t[f"level{k}"][src]
+        masks[dst] = t["masks"][src]
+    assert levels is not None and masks is not None
+    return CachedFeatures(want, levels, masks, store, hit, computed)
+
+
+def verify_store(store: str | Path) -> tuple[int, list[str]]:
+    """Check every shard of a store: -> (good shard count, list of bad shard files, which were removed)."""
+    store = Path(store)
+    good, bad = 0, []
+    for f, e in _scan(store).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = _load_verified(store, e)
+        if t is None:
+            bad.append(f)
+        else:
+            good += 1
+    return good, bad
 
 
 # --------------------------------------------------------------------------------------------- text side
@@ -136,10 +352,13 @@ def cached_text_embeddings(names: list[str], templates, cache_dir: str | Path | 
             emb = encoder.encode(missing, templates).float().cpu()
             store.update({n: e.contiguous() for n, e in zip(missing, emb)})
             f.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=f.parent)
-            os.close(fd)
-            save_file(store, tmp)
-            os.replace(tmp, f)
+            try:
+                write_atomic(f, save_bytes(store))
+            except OSError as e:
+                raise _disk_error(e, f) from None
         index[spec.name] = spec.to_dict()
-        index_path.write_text(json.dumps(index, indent=1))
+        try:
+            write_atomic(index_path, json.dumps(index, indent=1).encode())
+        except OSError as e:
+            raise _disk_error(e, index_path) from None
     return torch.stack([store[n] for n in names]), spec

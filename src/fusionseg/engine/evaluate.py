@@ -12,6 +12,9 @@ from ..data.datasets import IGNORE
 from .metrics import SemanticMeter
 
 
+PROTOCOLS = ("semantic", "episodes", "novel-names")
+
+
 def evaluate_semantic(segmenter, dataset, class_names: Sequence[str] | None = None, background: bool | None = None,
                       threshold: float | None = None, progress: bool = True, max_images: int | None = None) -> dict:
     """Whole-vocabulary semantic segmentation: every class of ``dataset`` named at once.
@@ -107,6 +110,8 @@ def evaluate_episodes(segmenter, dataset, classes: Sequence[int] | None = None, 
 
 
 def _table(rep: dict) -> str:
+    if rep.get("protocol") == "novel-names":
+        return _novel_table(rep)
     lines = ["| class | IoU |", "|---|---|"]
     for n, v in rep["per_class"].items():
         lines.append(f"| {n} | {'n/a' if v is None else f'{v:.3f}'} |")
@@ -115,6 +120,18 @@ def _table(rep: dict) -> str:
         lines.append(f"| FB-IoU | {rep['fbiou']:.3f} |")
     if "pixel_accuracy" in rep:
         lines.append(f"| pixel accuracy | {rep['pixel_accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
+def _novel_table(rep: dict) -> str:
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"
+    lines = ["| class | discrimination | episode IoU | AUC gap |", "|---|---|---|---|"]
+    for n, v in rep["per_class"].items():
+        lines.append(f"| {n} | {f(v['discrimination'])} | {f(v['iou'])} | {f(v['auc_gap'])} |")
+    lines += [f"| **mean** | **{f(rep['discrimination'])}** (chance {f(rep['chance'])}) | **{f(rep['miou'])}** "
+              f"(whole image {f(rep['trivial_miou'])}) | **{f(rep['auc_gap'])}** |",
+              f"| FB-IoU | | {f(rep['fbiou'])} (whole image {f(rep['trivial_fbiou'])}) | |",
+              f"| AUC right / wrong name | | | {f(rep['auc_right'])} / {f(rep['auc_wrong'])} |"]
     return "\n".join(lines)
 
 
@@ -132,18 +149,26 @@ def _figure(examples, path) -> None:
 def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: int | None = None,
              threshold: float | None = None, device: str = "cpu", json_path: str | None = None,
              report_path: str | None = None, max_images: int | None = None, episodes: int | None = None,
-             progress: bool = True, examples: int = 4) -> dict:
+             progress: bool = True, examples: int = 4, classes: Sequence[str] | str | None = None,
+             mode: str = "fusion") -> dict:
     """Evaluate a model on a dataset; returns the report dict (also written as JSON / Markdown if asked)."""
     import json
     from pathlib import Path
     from ..data.benchmarks import open_dataset
     from ..data.io import write_text_atomic
     from ..segmenter import Segmenter
-    if protocol not in ("semantic", "episodes"):
-        raise ValueError(f"unknown protocol {protocol!r}; use 'episodes' or 'semantic'")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if protocol == "novel-names" and not classes:
+        raise ValueError("--protocol novel-names needs --classes with at least two of the dataset's class names")
     ds = open_dataset(data, fold=fold)
-    seg = model if isinstance(model, Segmenter) else Segmenter.from_pretrained(model, device=device)
-    if protocol == "semantic":
+    seg = model if isinstance(model, Segmenter) else Segmenter.from_pretrained(model, device=device, mode=mode)
+    if protocol == "novel-names":
+        names = classes.split(",") if isinstance(classes, str) else list(classes)
+        rep = evaluate_novel_names(seg, ds, names, threshold=threshold, progress=progress, max_images=max_images,
+                                   keep_examples=examples if report_path else 0)
+        ex = rep.pop("_examples", [])
+    elif protocol == "semantic":
         rep = evaluate_semantic(seg, ds, threshold=threshold, progress=progress, max_images=max_images)
         ex = []
         for i in range(min(examples, len(ds)) if report_path else 0):
@@ -155,7 +180,7 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
                                 keep_examples=examples if report_path else 0)
         ex = rep.pop("_examples", [])
     rep.update(model=str(model if not isinstance(model, Segmenter) else seg.meta.get("path")), data=str(data),
-               fold=fold, threshold=seg.threshold if threshold is None else threshold)
+               fold=fold, threshold=seg.threshold if threshold is None else threshold, mode=seg.mode)
     rep["table"] = _table(rep)
     if json_path:
         write_text_atomic(json.dumps({k: v for k, v in rep.items() if k != "table"}, indent=1), json_path)
@@ -171,3 +196,133 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
             body += [f"![image | ground truth | prediction]({fig.name})", ""]
         write_text_atomic("\n".join(body), rp)
     return rep
+
+
+# ------------------------------------------------------------------------------------ novel names
+def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Area under the ROC curve of scores ``pos`` (positives) against ``neg`` (negatives): the probability that
+    a random positive outscores a random negative, ties counting half (Mann-Whitney U). NaN if either is empty."""
+    pos, neg = pos.flatten().double(), neg.flatten().double()
+    if not len(pos) or not len(neg):
+        return float("nan")
+    s = torch.cat([pos, neg])
+    order = s.argsort()
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.float64)
+    # average ranks over ties
+    uniq, inv, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    if len(uniq) < len(s):
+        sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, ranks)
+        ranks = (sums / counts)[inv]
+    n1, n0 = len(pos), len(neg)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _class_indices(dataset, names: Sequence[str]) -> list[int]:
+    from ..data.datasets import normalize_name
+    own = {normalize_name(n): k for k, n in enumerate(dataset.class_names, start=1)}
+    out = []
+    for n in names:
+        k = own.get(normalize_name(n))
+        if k is None:
+            raise ValueError(f"{getattr(dataset, 'name', 'dataset')} has no class {n!r}; its classes: "
+                             f"{', '.join(dataset.class_names)}")
+        out.append(k)
+    return out
+
+
+def evaluate_novel_names(segmenter, dataset, names: Sequence[str], threshold: float | None = None,
+                         progress: bool = True, max_images: int | None = None, keep_examples: int = 0) -> dict:
+    """Does the model know what unseen names *mean*? Three measures on the images that show any of ``names``:
+
+    * ``discrimination``: every pixel of one of the K named classes is assigned the arg-max among the K names
+      (decoded together); mean over classes of the fraction assigned correctly. Chance is 1/K.
+    * ``miou`` / ``fbiou``: one-class episodes (each present name decoded alone, sigmoid >= threshold), IoU
+      summed per class as in :class:`~fusionseg.engine.metrics.EpisodeMeter`. ``trivial_miou``: the same with
+      the whole image predicted as the class.
+      ``shuffled_miou``: the same episodes decoded with another of the names (does the text matter?).
+    * ``auc_gap``: per episode, the ROC-AUC with which the right name's score map separates the object from
+      the rest of the image, minus the AUC of another of the names (the next one in the list) on the same
+      object; averaged over episodes. Near 0 means "something unfamiliar is here", not meaning.
+    """
+    from ..segmenter import parse_class_names
+    from .metrics import EpisodeMeter
+    names = parse_class_names(names)
+    if len(names) < 2:
+        raise ValueError("the novel-names protocol needs at least two names (--classes \"cow, sheep, ...\"): "
+                         "discrimination and the wrong-name control compare them")
+    ids = _class_indices(dataset, names)
+    k = len(names)
+    thr = segmenter.threshold if threshold is None else float(threshold)
+    conf = np.zeros((k, k), dtype=np.int64)
+    meter, trivial, shuffled = EpisodeMeter(), EpisodeMeter(), EpisodeMeter()
+    auc_r, auc_w = [], []
+    per_auc: dict[int, list[float]] = {a: [] for a in range(k)}
+    order = range(len(dataset))
+    n_img = 0
+    examples = []
+    t0 = time.time()
+    bar = tqdm(total=len(dataset) if max_images is None else min(len(dataset), max_images), desc="novel names",
+               unit="img", disable=not progress, dynamic_ncols=True)
+    for i in order:
+        if max_images is not None and n_img >= max_images:
+            break
+        mask = dataset.load_mask(dataset.ids[i]) if hasattr(dataset, "load_mask") else dataset[i].mask
+        present = [a for a, c in enumerate(ids) if (mask == c).any()]
+        if not present:
+            continue
+        n_img += 1
+        bar.update(1)
+        s = dataset[i]
+        enc = segmenter.encode(s.image)
+        target = torch.from_numpy(s.mask.astype(np.int64))
+        valid = target != IGNORE
+        H, W = target.shape
+        up = lambda lg: torch.nn.functional.interpolate(lg[None].float(), size=(H, W), mode="bilinear",
+                                                        align_corners=False)[0]
+        joint = up(segmenter.logits_from(enc, names)).argmax(0)
+        for a in present:
+            sel = target == ids[a]
+            conf[a] += np.bincount(joint[sel].numpy(), minlength=k)
+        for a in present:
+            gt = (target == ids[a]) & valid
+            right = up(segmenter.logits_from(enc, [names[a]]))[0]
+            wrong = up(segmenter.logits_from(enc, [names[(a + 1) % k]]))[0]
+            fg = right.sigmoid() >= thr
+            meter.update(ids[a], fg, gt, ~valid)
+            trivial.update(ids[a], torch.ones_like(gt), gt, ~valid)
+            shuffled.update(ids[a], wrong.sigmoid() >= thr, gt, ~valid)
+            neg = valid & ~gt
+            x, y = roc_auc(right[gt], right[neg]), roc_auc(wrong[gt], wrong[neg])
+            if x == x and y == y:
+                auc_r.append(x)
+                auc_w.append(y)
+                per_auc[a].append(x - y)
+            if len(examples) < keep_examples:
+                examples.append((s.image, gt.numpy().astype(np.uint8) + (~valid).numpy() * 254,
+                                 fg.numpy().astype(np.uint8), names[a]))
+    bar.close()
+    if not n_img:
+        raise ValueError(f"{getattr(dataset, 'name', 'dataset')}: no image shows any of {', '.join(names)}")
+    acc = conf.diagonal() / np.maximum(conf.sum(1), 1)
+    has = conf.sum(1) > 0
+    r, tr, sh = meter.compute(ids), trivial.compute(ids), shuffled.compute(ids)
+    per_class = {}
+    for a, n in enumerate(names):
+        iou = r["per_class"].get(ids[a])
+        per_class[n] = {"discrimination": round(float(acc[a]), 4) if has[a] else None,
+                        "iou": None if iou is None or iou != iou else round(float(iou), 4),
+                        "auc_gap": round(float(np.mean(per_auc[a])), 4) if per_auc[a] else None}
+    out = {"protocol": "novel-names", "classes": list(names),
+           "discrimination": round(float(acc[has].mean()), 4), "chance": round(1.0 / k, 4),
+           "miou": round(float(r["miou"]), 4), "fbiou": round(float(r["fbiou"]), 4),
+           "trivial_miou": round(float(tr["miou"]), 4), "trivial_fbiou": round(float(tr["fbiou"]), 4),
+           "shuffled_miou": round(float(sh["miou"]), 4), "shuffled_fbiou": round(float(sh["fbiou"]), 4),
+           "auc_gap": round(float(np.mean(auc_r) - np.mean(auc_w)), 4) if auc_r else None,
+           "auc_right": round(float(np.mean(auc_r)), 4) if auc_r else None,
+           "auc_wrong": round(float(np.mean(auc_w)), 4) if auc_w else None,
+           "per_class": per_class, "images": n_img, "episodes": r["episodes"],
+           "seconds": round(time.time() - t0, 1)}
+    if keep_examples:
+        out["_examples"] = examples
+    return out

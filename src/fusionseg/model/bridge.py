@@ -2,7 +2,8 @@
 
 An image encoder with a classifier head over named classes (EfficientNet-Lite: the 1,000 ImageNet classes)
 gives, at every stride-32 location, a probability for each class. Each class is embedded by the text encoder
-from its names (all WordNet synonyms, normalised and averaged). A queried name's score at a location is the
+from its names (all WordNet synonyms and, for ImageNet, coarse hypernyms such as "sheep" for "ram, tup";
+normalised and averaged). A queried name's score at a location is the
 *expected similarity* ``sum_k p_k * cos(label_k, query)`` over the top-k classes there: scoring in similarity
 space, so a crowded label group (118 dog breeds) counts by its probability mass, not by how many of its
 members sit near the query in the embedding space.
@@ -17,24 +18,39 @@ from torch import Tensor
 
 from ..encoders.base import EncoderError
 
+#: Expected similarity at which a location counts as showing the name (sigmoid 0.5), and the logit scale.
+#: Chosen on six *development* names of MSRC (horse, bird, car, bicycle, aeroplane, chair), never on the
+#: held-out names the study reports (see docs/RESULTS.md).
+BRIDGE_CENTER = 0.40
+BRIDGE_WIDTH = 0.05
+
 
 def has_classifier(image_encoder) -> bool:
     return hasattr(image_encoder, "classify_maps") and bool(getattr(image_encoder, "class_names", None))
 
 
 class ClassifierBridge:
-    """Training-free open-vocabulary scores through a classifier's named classes."""
+    """Training-free open-vocabulary scores through a classifier's named classes.
+
+    Each class label is embedded from its synonyms and, for ImageNet-1k, its coarse WordNet hypernyms
+    (:mod:`fusionseg.model.imagenet_groups`: "ram, tup" also says "sheep"). :meth:`logits` turns the expected
+    similarity into a logit with a fixed "none of these" point ``center`` (sigmoid 0.5) and scale ``width``.
+    """
 
     def __init__(self, image_encoder, text_encoder, top_k: int = 10, label_templates: str = "none",
-                 cache_dir=None):
+                 cache_dir=None, groups: bool = True, center: float = BRIDGE_CENTER, width: float = BRIDGE_WIDTH):
         if not has_classifier(image_encoder):
             raise EncoderError(f"the bridge needs an image encoder with a classifier head over named classes; "
                                f"{image_encoder.spec.name} has none (use efficientnet-lite0, -lite1 or -lite2)")
         from ..data.features import cached_text_embeddings
         self.image_encoder = image_encoder
         self.top_k = top_k
+        self.center, self.width = float(center), float(width)
         synonyms = image_encoder.class_synonyms() if hasattr(image_encoder, "class_synonyms") \
             else [[n] for n in image_encoder.class_names]
+        if groups and len(synonyms) == 1000:  # ImageNet-1k: add the coarse WordNet hypernyms
+            from .imagenet_groups import imagenet_groups
+            synonyms = [list(s) + [g for g in gr if g not in s] for s, gr in zip(synonyms, imagenet_groups())]
         words = sorted({w for syn in synonyms for w in syn})
         emb, _ = cached_text_embeddings(words, label_templates, cache_dir, encoder=text_encoder)
         row = {w: i for i, w in enumerate(words)}
@@ -56,3 +72,11 @@ class ClassifierBridge:
         p = p / p.sum(1, keepdim=True).clamp(min=1e-8)
         sim = self.label_embeddings.to(queries.device) @ queries.float().T  # (K, N)
         return torch.einsum("bkhw,kn->bnhw", p, sim)
+
+    def logits(self, maps: Sequence[Tensor], queries: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
+        """:meth:`scores` as logits ``(B, N, H, W)``, ``(score - center) / width``: sigmoid 0.5 where the expected
+        similarity is ``center``, the "none of these" point; bilinearly resampled to ``out_size``."""
+        lg = (self.scores(maps, queries) - self.center) / self.width
+        if out_size is not None and tuple(lg.shape[-2:]) != tuple(out_size):
+            lg = F.interpolate(lg, size=out_size, mode="bilinear", align_corners=False)
+        return lg

@@ -44,6 +44,7 @@ class FusionerConfig:
     learn_temperature: bool = False
     pos_embed: str = "none"
     fusion: bool = True  # False: the paper's no-fusion ablation (projections + cosine head only)
+    prior: bool = False  # True: the bridge's per-class map is an input (model/prior.py), with an "unknown name" token
     preset: str = "custom"
 
     @classmethod
@@ -105,6 +106,10 @@ class FusionHead(nn.Module):
         self.decoder = Decoder(cfg.width, cfg.decoder_channels, skip_ch, embed)
         self.class_proj = nn.Linear(cfg.width, embed)
         self.head = CosineHead(cfg.temperature, cfg.learn_temperature)
+        if cfg.prior:
+            from .prior import PriorRefine
+            self.unknown_token = nn.Parameter(F.normalize(torch.randn(cfg.text_dim), dim=0))
+            self.prior_refine = PriorRefine(embed)
 
     def tokens(self, visual: Sequence[Tensor]) -> tuple[Tensor, tuple[int, int]]:
         """Multi-stride maps -> ``(B, h*w, C)`` tokens on the coarsest grid."""
@@ -121,13 +126,20 @@ class FusionHead(nn.Module):
         return x.flatten(2).transpose(1, 2), (h, w)
 
     def forward(self, visual: Sequence[Tensor], text: Tensor, out_size: tuple[int, int] | None = None,
-                text_padding: Tensor | None = None) -> Tensor:
+                text_padding: Tensor | None = None, prior: Tensor | None = None,
+                unknown: Tensor | None = None) -> Tensor:
         """visual: encoder maps ``[(B, C_i, H/s_i, W/s_i)]``; text: ``(N, C_t)`` or ``(B, N, C_t)``
-        -> logits ``(B, N, H_out, W_out)`` at ``out_size`` (default: the decoder's resolution)."""
+        -> logits ``(B, N, H_out, W_out)`` at ``out_size`` (default: the decoder's resolution).
+
+        Models with ``cfg.prior`` also take ``prior`` ``(B, N, h, w)`` (the bridge's logits per class) and
+        ``unknown`` ``(N,)`` bool: those classes' text tokens are replaced by the learned unknown-name token."""
         dtype = next(self.parameters()).dtype
         visual = [v.to(dtype) for v in visual]
         tok, (h, w) = self.tokens(visual)
         text = text.to(dtype)
+        if unknown is not None and self.cfg.prior and bool(unknown.any()):
+            unk = unknown.to(text.device).view(*([1] * (text.dim() - 2)), -1, 1)
+            text = torch.where(unk, self.unknown_token.to(dtype).expand_as(text), text)
         b = tok.shape[0]
         if self.cfg.fusion:
             v, t = self.fusion(tok, text, (h, w), text_padding)
@@ -138,6 +150,8 @@ class FusionHead(nn.Module):
         skips = [visual[i] for i in self.cfg.skip_levels()]
         pix = self.decoder(fmap, skips)
         logits = self.head(pix, self.class_proj(t))
+        if self.cfg.prior:
+            logits = self.prior_refine(logits, prior, pix)
         if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
         return logits

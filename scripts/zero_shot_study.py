@@ -1,0 +1,241 @@
+"""The zero-shot study of docs/RESULTS.md: trains every model it needs (skipping runs already finished),
+evaluates them on names they never saw, and writes the tables.
+
+    python scripts/zero_shot_study.py --data-root ../shared/data --out runs/study --results docs/RESULTS.md
+
+Parts (``--parts``, default all):
+
+* ``folds``: the 80 COCO names in four COCO-20i-style folds (fold f: classes f+1, f+5, ..., f+77). For each fold
+  a fusion model and a no-fusion model are trained on all five shared folders with the fold's names excluded
+  (never used; their pixels ignored, in every folder, with the same-concept spellings of other folders:
+  see ``ALIASES``), then evaluated on the held-out COCO images (each run's ``splits.json``).
+* ``cross``: fusion and no-fusion trained without any CamVid or MSRC data (COCO folders + Weizmann horse),
+  evaluated on all of CamVid and MSRC: whole vocabulary, and the novel-names protocol on the names the
+  training never used.
+* ``msrc6``: the six MSRC names cow, sheep, cat, dog, boat, flower excluded everywhere, and every MSRC image
+  that shows one of them held out of training; evaluated on those images.
+
+Rows for every part (same images, same episodes): fusion; fusion with the names shuffled (each novel name
+swapped for another one); no-fusion; the whole image as the class; the training-free bridge; fusion+bridge.
+Measures: discrimination among the novel names, one-class episode mIoU and FB-IoU, the wrong-name AUC gap,
+and whole-vocabulary mIoU where every class of the data is named at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+ALIASES = {"airplane": ["aeroplane"], "person": ["body", "face", "pedestrian", "bicyclist"]}
+MSRC6 = ["cow", "sheep", "cat", "dog", "boat", "flower"]
+DEMO_ID = "000000358083"  # the README's demo photo, never trained on
+KINDS = (("fusion", True, False), ("nofusion", False, False), ("prior", True, True))  # run name, fusion, bridge prior
+
+
+class Concat:
+    """Several folder datasets with the same class list, read as one (ids prefixed by the folder)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.class_names = parts[0].class_names
+        assert all(p.class_names == self.class_names for p in parts)
+        self.index = [(d, i) for d, p in enumerate(parts) for i in range(len(p))]
+        self.ids = [f"{parts[d].name}/{parts[d].ids[i]}" for d, i in self.index]
+        self.name = "+".join(p.name for p in parts)
+        self.every_pixel_labelled = parts[0].every_pixel_labelled
+
+    def __len__(self):
+        return len(self.index)
+
+    def load_mask(self, id):
+        d, _, i = id.partition("/")
+        return next(p for p in self.parts if p.name == d).load_mask(i)
+
+    def __getitem__(self, k):
+        d, i = self.index[k]
+        return self.parts[d][i]
+
+
+def coco_names(root: Path) -> list[str]:
+    meta = json.loads((root / "coco2017_mini" / "dataset.json").read_text())
+    return [meta["classes"][str(i)] for i in range(1, 81)]
+
+
+def fold_names(names: list[str], fold: int) -> list[str]:
+    return [names[c - 1] for c in range(fold + 1, 81, 4)]
+
+
+def with_aliases(names: list[str]) -> list[str]:
+    return list(names) + [a for n in names for a in ALIASES.get(n, [])]
+
+
+def train_run(out: Path, data: list[Path], exclude: list[str], fusion: bool, steps: int, threads: int,
+              holdout: list[str], batch_size: int = 8, prior: bool = False) -> dict:
+    import torch
+    from fusionseg.engine.train import TrainConfig, train
+    final = out / "final.safetensors"
+    if not final.is_file():
+        torch.set_num_threads(threads)
+        cfg = TrainConfig(data=[str(d) for d in data], out=str(out), steps=steps, scales=[320],
+                          exclude_classes=exclude, holdout=holdout, fusion=fusion, checkpoint_every=0,
+                          batch_size=batch_size, bridge_prior=prior)
+        train(cfg)
+    from fusionseg.model.checkpoint import read_checkpoint
+    _, meta = read_checkpoint(final)
+    return {"run": str(out), "wall_seconds": meta["training"].get("wall_seconds"), "steps": meta["training"]["steps"],
+            "vocabulary": meta["training"]["vocabulary"], "validation": meta["training"].get("validation")}
+
+
+def novel_rows(run: Path, nofusion_run: Path, ds, names: list[str], threads: int) -> dict:
+    """Every row of the novel-names protocol on ``ds`` for ``names``."""
+    import torch
+    from fusionseg.engine.evaluate import evaluate_novel_names
+    from fusionseg.segmenter import Segmenter
+    torch.set_num_threads(threads)
+    rows = {}
+    variants = [("fusion", run, "fusion"), ("no-fusion", nofusion_run, "fusion"), ("bridge alone", run, "bridge"),
+                ("fusion+bridge", run, "fusion+bridge")]
+    prior_run = run.parent / run.name.replace("-fusion", "-prior")
+    if (prior_run / "final.safetensors").is_file():
+        variants.append(("bridge-prior model", prior_run, "fusion+bridge"))
+    for label, path, mode in variants:
+        t0 = time.time()
+        seg = Segmenter.from_pretrained(path, device="cpu", mode=mode)
+        r = evaluate_novel_names(seg, ds, names, progress=False)
+        r["seconds"] = round(time.time() - t0, 1)
+        rows[label] = r
+        print(f"  {label}: discrimination {r['discrimination']}, mIoU {r['miou']} (shuffled {r['shuffled_miou']}, "
+              f"whole image {r['trivial_miou']}), AUC gap {r['auc_gap']}", flush=True)
+    return rows
+
+
+def semantic_rows(run: Path, nofusion_run: Path, ds, novel: list[str], threads: int) -> dict:
+    """Whole vocabulary: every class of ``ds`` named at once; mIoU over the novel and over the other names."""
+    import torch
+    from fusionseg.data.datasets import normalize_name
+    from fusionseg.engine.evaluate import evaluate_semantic
+    from fusionseg.segmenter import Segmenter
+    torch.set_num_threads(threads)
+    nov = {normalize_name(n) for n in novel}
+    rows = {}
+    variants = [("fusion", run, "fusion"), ("no-fusion", nofusion_run, "fusion"), ("fusion+bridge", run, "fusion+bridge")]
+    prior_run = run.parent / run.name.replace("-fusion", "-prior")
+    if (prior_run / "final.safetensors").is_file():
+        variants.append(("bridge-prior model", prior_run, "fusion+bridge"))
+    for label, path, mode in variants:
+        seg = Segmenter.from_pretrained(path, device="cpu", mode=mode)
+        r = evaluate_semantic(seg, ds, progress=False)
+        pn = [v for n, v in r["per_class"].items() if normalize_name(n) in nov and v is not None]
+        pb = [v for n, v in r["per_class"].items() if normalize_name(n) not in nov and v is not None]
+        r["miou_novel"] = round(float(np.mean(pn)), 4) if pn else None
+        r["miou_seen"] = round(float(np.mean(pb)), 4) if pb else None
+        rows[label] = r
+        print(f"  semantic {label}: mIoU {r['miou']} (novel {r['miou_novel']}, seen {r['miou_seen']})", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-root", default="../shared/data")
+    ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parts", default="folds,cross,msrc6")
+    ap.add_argument("--folds", default="0,1,2,3")
+    ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--force", action="store_true", help="evaluate parts already in results.json again")
+    ap.add_argument("--prior", default="msrc6", help="parts that also train the bridge-prior model (--bridge-prior)")
+    ap.add_argument("--results", default=None, help="write the Markdown tables here (e.g. docs/RESULTS.md)")
+    a = ap.parse_args()
+    from fusionseg.data.datasets import FolderDataset, normalize_name
+    root, out = Path(a.data_root), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res_path = out / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    folders = {n: root / n for n in ("coco128_seg", "coco2017_mini", "msrc_v2", "weizmann_horse", "camvid")}
+    parts = a.parts.split(",")
+    names80 = coco_names(root)
+
+    done: set[str] = set()
+
+    def save():  # merge into the file: several study processes (different parts) may run side by side
+        current = json.loads(res_path.read_text()) if res_path.is_file() else {}
+        current.update({k: results[k] for k in done})
+        tmp = res_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(current, indent=1))
+        tmp.replace(res_path)
+        results.update(current)
+
+    def todo(key: str) -> bool:
+        return a.force or key not in results
+
+    if "folds" in parts:
+        for f in (int(x) for x in a.folds.split(",")):
+            novel = fold_names(names80, f)
+            runs = {}
+            for kind, fusion, prior in KINDS[: 3 if "folds" in a.prior.split(",") else 2]:
+                runs[kind] = train_run(out / f"fold{f}-{kind}", list(folders.values()), with_aliases(novel), fusion,
+                                       a.steps, a.threads, [DEMO_ID], a.batch_size, prior)
+            if a.train_only or not todo(f"fold{f}"):
+                continue
+            splits = json.loads((out / f"fold{f}-fusion" / "splits.json").read_text())
+            ds = Concat([FolderDataset(folders[n], splits[n]["val"]) for n in ("coco128_seg", "coco2017_mini")])
+            present = sorted({c for i in ds.ids for c in np.unique(ds.load_mask(i)).tolist() if 0 < c < 255})
+            novel_here = [n for n in novel if ds.class_names.index(n) + 1 in present]
+            print(f"fold {f}: {len(ds)} held-out COCO images, {len(novel_here)} of the 20 novel names present", flush=True)
+            results[f"fold{f}"] = {"novel": novel, "novel_present": novel_here, "train": runs,
+                                   "novel_names": novel_rows(out / f"fold{f}-fusion", out / f"fold{f}-nofusion", ds,
+                                                             novel_here, a.threads),
+                                   "semantic": semantic_rows(out / f"fold{f}-fusion", out / f"fold{f}-nofusion", ds,
+                                                             novel, a.threads)}
+            done.add(f"fold{f}")
+            save()
+    if "cross" in parts:
+        data = [folders[n] for n in ("coco128_seg", "coco2017_mini", "weizmann_horse")]
+        runs = {kind: train_run(out / f"cross-{kind}", data, [], fusion, a.steps, a.threads, [DEMO_ID], a.batch_size)
+                for kind, fusion in (("fusion", True), ("nofusion", False))}
+        if not a.train_only and todo("cross"):
+            vocab = set(runs["fusion"]["vocabulary"])
+            entry = {"train": runs}
+            for name in ("msrc_v2", "camvid"):
+                ds = FolderDataset(folders[name])
+                unseen = [n for n in ds.class_names if normalize_name(n) not in vocab]
+                print(f"cross-dataset {name}: {len(ds)} images, names never used in training: {', '.join(unseen)}")
+                entry[name] = {"unseen": unseen,
+                               "novel_names": novel_rows(out / "cross-fusion", out / "cross-nofusion", ds, unseen,
+                                                         a.threads),
+                               "semantic": semantic_rows(out / "cross-fusion", out / "cross-nofusion", ds, unseen,
+                                                         a.threads)}
+            results["cross"] = entry
+            done.add("cross")
+            save()
+    if "msrc6" in parts:
+        msrc = FolderDataset(folders["msrc_v2"])
+        ids6 = [msrc.class_names.index(n) + 1 for n in MSRC6]
+        shown = [i for i in msrc.ids if np.isin(msrc.load_mask(i), ids6).any()]
+        runs = {kind: train_run(out / f"msrc6-{kind}", list(folders.values()), MSRC6, fusion, a.steps, a.threads,
+                                [DEMO_ID] + shown, a.batch_size, prior)
+                for kind, fusion, prior in KINDS[: 3 if "msrc6" in a.prior.split(",") else 2]}
+        if not a.train_only and todo("msrc6"):
+            splits = json.loads((out / "msrc6-fusion" / "splits.json").read_text())
+            seen_val = [i for i in splits["msrc_v2"]["val"] if i not in set(shown)]
+            print(f"msrc6: {len(shown)} MSRC images show the six names (held out); {len(seen_val)} other val images")
+            results["msrc6"] = {"train": runs, "images": len(shown),
+                                "novel_names": novel_rows(out / "msrc6-fusion", out / "msrc6-nofusion",
+                                                          msrc.subset(shown), MSRC6, a.threads),
+                                "semantic_seen": semantic_rows(out / "msrc6-fusion", out / "msrc6-nofusion",
+                                                               msrc.subset(seen_val), MSRC6, a.threads)}
+            done.add("msrc6")
+            save()
+    if a.results:
+        from study_report import write_report  # scripts/study_report.py
+        write_report(results, a, Path(a.results))
+        print(f"wrote {a.results}")
+
+
+if __name__ == "__main__":
+    main()
