@@ -126,6 +126,8 @@ def test_fusion_plus_bridge_routes_known_and_unknown_names(demo):
     both = Segmenter.from_pretrained("default", device="cpu", mode="fusion+bridge")
     names = ["cat", "toilet", "wombat"]  # the default saw cat and toilet in training, never wombat
     assert both.known_names(names) == [True, True, False]
+    # the default mode "auto" is fusion+bridge wherever the image encoder has a named classifier head
+    assert Segmenter.from_pretrained("default", device="cpu", mode="auto").mode == "fusion+bridge"
     enc = fusion.encode(img)
     lg = both.logits_from(enc, names)
     assert torch.allclose(lg[:2], fusion.logits_from(enc, names[:2]), atol=1e-5)
@@ -153,6 +155,7 @@ def test_cli_novel_names_and_bridge_mode(tmp_path, capsys):
                       preset="tiny", steps=2, batch_size=2, size=64, val_fraction=0.0,
                       cache_dir=str(tmp_path / "cache"), progress=False)
     ckpt = train(cfg)
+    assert Segmenter.from_pretrained(ckpt, device="cpu").mode == "fusion"  # auto: no classifier head, no bridge
     code = main(["segment", str(REPO / "examples" / "cat_toilet.jpg"), "--classes", "cat, dog", "--model", str(ckpt),
                  "--mode", "bridge", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err

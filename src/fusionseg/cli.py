@@ -338,9 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes decoding images ahead of the model (default 2; 0 = in the main process)")
     s.add_argument("--tile", type=int, default=None,
                    help="sliding-window side in px at the working size (default: automatic above 1536 px; 0 = off)")
-    s.add_argument("--mode", default="fusion", choices=list(MODES),
+    s.add_argument("--mode", default="auto", choices=list(MODES),
                    help="fusion: the trained model; bridge: training-free, through the image encoder's classifier "
-                        "classes; fusion+bridge: the model for names it was trained on, the bridge for new ones")
+                        "classes; fusion+bridge: the model for names it was trained on, the bridge for new ones; "
+                        "auto (default): fusion+bridge where the image encoder has a classifier head, else fusion")
     s.set_defaults(func=cmd_segment)
 
     t = sub.add_parser("train", help="train the fusion model (cached frozen features; torchrun for several GPUs)",
@@ -387,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="semantic: all classes at once; episodes: one class per episode; novel-names: "
                         "discrimination, episodes and the wrong-name control for the names in --classes")
     e.add_argument("--classes", default=None, help="novel-names protocol: comma-separated class names of the dataset")
-    e.add_argument("--mode", default="fusion", choices=list(MODES), help="scoring mode (see segment --mode)")
+    e.add_argument("--mode", default="auto", choices=list(MODES), help="scoring mode (see segment --mode)")
     e.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold 0-3")
     e.add_argument("--episodes", type=int, default=None, help="episode count (default: 1,000 for folds, else all)")
     e.add_argument("--threshold", type=float, default=None)

@@ -34,7 +34,9 @@ DEFAULT_TILE = 768
 OVERLAP = 0.5
 #: How names are scored: the trained fusion model; the training-free classifier bridge; or the fusion model
 #: for names near its training vocabulary and the bridge for the others.
-MODES = ("fusion", "bridge", "fusion+bridge")
+#: ``auto`` (the default): fusion+bridge when the image encoder has a named classifier head, else fusion
+#: (docs/RESULTS.md: fusion+bridge is the best design on unseen names and within 1.2 points on seen ones).
+MODES = ("auto", "fusion", "bridge", "fusion+bridge")
 #: fusion+bridge: a name whose text embedding has cosine >= this with a training name counts as known.
 KNOWN_NAME_SIMILARITY = 0.85
 
@@ -195,9 +197,12 @@ class Segmenter:
 
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
                  threshold: float | None = None, tile: int | None = None, text_cache: TextCache | None = None,
-                 text_cache_size: int = 4096, mode: str = "fusion"):
+                 text_cache_size: int = 4096, mode: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode == "auto":
+            from .model.bridge import has_classifier
+            mode = "fusion+bridge" if has_classifier(model.image_encoder) else "fusion"
         self.model = model.eval()
         self.meta = meta
         self.device = torch.device(device)

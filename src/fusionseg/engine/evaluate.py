@@ -150,7 +150,7 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
              threshold: float | None = None, device: str = "cpu", json_path: str | None = None,
              report_path: str | None = None, max_images: int | None = None, episodes: int | None = None,
              progress: bool = True, examples: int = 4, classes: Sequence[str] | str | None = None,
-             mode: str = "fusion") -> dict:
+             mode: str = "auto") -> dict:
     """Evaluate a model on a dataset; returns the report dict (also written as JSON / Markdown if asked)."""
     import json
     from pathlib import Path
