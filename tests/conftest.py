@@ -88,6 +88,17 @@ def make_shapes_dataset(root: Path, n: int = 12, size: int = 128, seed: int = 0)
     return root
 
 
+def train_tiny(root: Path, n: int = 6, steps: int = 30, **overrides):
+    """A tiny checkpoint on a synthetic shapes dataset (test encoders, preset tiny, 64 px): (checkpoint, dataset)."""
+    from fusionseg.engine.train import TrainConfig, train
+    ds = make_shapes_dataset(root / "shapes", n=n)
+    kw = dict(data=[str(ds)], out=str(root / "run"), image_encoder="test-pool", text_encoder="test-hash",
+              preset="tiny", steps=steps, batch_size=4, size=64, val_fraction=0.0, cache_dir=str(root / "cache"),
+              progress=False)
+    kw.update(overrides)
+    return train(TrainConfig(**kw)), ds
+
+
 @pytest.fixture
 def shapes_dataset(tmp_path) -> Path:
     return make_shapes_dataset(tmp_path / "shapes")

@@ -9,19 +9,13 @@ import pytest
 from PIL import Image
 
 from fusionseg.cli import main
-from fusionseg.engine.train import TrainConfig, train
 
-from conftest import make_shapes_dataset
+from conftest import make_shapes_dataset, train_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    ds = make_shapes_dataset(root / "shapes", n=6)
-    cfg = TrainConfig(data=[str(ds)], out=str(root / "run"), image_encoder="test-pool", text_encoder="test-hash",
-                      preset="tiny", steps=30, batch_size=4, size=64, val_fraction=0.0,
-                      cache_dir=str(root / "cache"), progress=False)
-    return train(cfg), ds
+    return train_tiny(tmp_path_factory.mktemp("cli"), n=6, steps=30)
 
 
 def run(args, capsys):

@@ -13,7 +13,7 @@ from fusionseg.engine.train import TrainConfig, train
 from fusionseg.model.imagenet_groups import imagenet_groups
 from fusionseg.segmenter import Segmenter
 
-from conftest import make_shapes_dataset
+from conftest import make_shapes_dataset, train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_fusion_plus_bridge_routes_known_and_unknown_names(demo):
 
 
 def test_cli_novel_names_and_bridge_mode(tmp_path, capsys):
-    ds = make_shapes_dataset(tmp_path / "shapes", n=4)
+    ckpt, ds = train_tiny(tmp_path, n=4, steps=2, batch_size=2)  # test encoders: no classifier head
     code = main(["evaluate", "--data", str(ds), "--protocol", "novel-names", "--classes", "square"])
     err = capsys.readouterr().err
     assert code == 2 and "at least two" in err and len(err.strip().splitlines()) == 1
@@ -151,10 +151,6 @@ def test_cli_novel_names_and_bridge_mode(tmp_path, capsys):
         assert k in rep
     assert rep["protocol"] == "novel-names" and rep["mode"] == "bridge" and "chance 0.500" in out
     # a model whose image encoder has no classifier head: one line naming the encoders that have one
-    cfg = TrainConfig(data=[str(ds)], out=str(tmp_path / "run"), image_encoder="test-pool", text_encoder="test-hash",
-                      preset="tiny", steps=2, batch_size=2, size=64, val_fraction=0.0,
-                      cache_dir=str(tmp_path / "cache"), progress=False)
-    ckpt = train(cfg)
     assert Segmenter.from_pretrained(ckpt, device="cpu").mode == "fusion"  # auto: no classifier head, no bridge
     code = main(["segment", str(REPO / "examples" / "cat_toilet.jpg"), "--classes", "cat, dog", "--model", str(ckpt),
                  "--mode", "bridge", "--out", str(tmp_path / "o")])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import REPO, HashText, PoolEncoder, make_shapes_dataset
+from conftest import REPO, HashText, PoolEncoder, train_tiny
 from fusionseg.cli import main
 from fusionseg.model.fusioner import FusionHead, Fusioner, FusionerConfig
 from fusionseg.segmenter import (Prediction, Segmenter, TextCache, labels_from_logits, upsample_rows)
@@ -197,13 +197,7 @@ def test_upsample_rows_region_maps_padding_out():
 # ------------------------------------------------------------------------------------------- CLI pipeline
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from fusionseg.engine.train import TrainConfig, train
-    root = tmp_path_factory.mktemp("speed")
-    ds = make_shapes_dataset(root / "shapes", n=6)
-    cfg = TrainConfig(data=[str(ds)], out=str(root / "run"), image_encoder="test-pool", text_encoder="test-hash",
-                      preset="tiny", steps=5, batch_size=4, size=64, val_fraction=0.0,
-                      cache_dir=str(root / "cache"), progress=False)
-    return train(cfg), ds
+    return train_tiny(tmp_path_factory.mktemp("speed"), n=6, steps=5)
 
 
 def run(args, capsys):
