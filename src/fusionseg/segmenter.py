@@ -217,8 +217,9 @@ class Segmenter:
         self.mode = mode
         self._bridge = None
         self._vocab_emb: torch.Tensor | None = None
-        if mode != "fusion":
-            self.bridge  # fail now, with the list of encoders that have a classifier, not at the first image
+        if mode != "fusion":  # fail now, naming the encoders that have a classifier; build the bridge on first use
+            from .model.bridge import require_classifier
+            require_classifier(model.image_encoder)
 
     @property
     def bridge(self):
@@ -326,7 +327,8 @@ class Segmenter:
             lo = self.model.head(visual, text[fused])
             out[:, fused] = F.interpolate(lo.float(), size=(hl, wl), mode="bilinear", align_corners=False) \
                 if tuple(lo.shape[-2:]) != (hl, wl) else lo.float()
-        bridged = [i for i in range(len(names)) if i not in set(fused)]
+        known = set(fused)
+        bridged = [i for i in range(len(names)) if i not in known]
         out[:, bridged] = self.bridge.logits(visual, text[bridged], (hl, wl)).float()
         return out
 
@@ -451,12 +453,6 @@ def _starts(total: int, tile: int, align: int) -> list[int]:
     n = -(-(total - tile) // step) + 1
     starts = sorted({min(total - tile, round(i * (total - tile) / (n - 1) / align) * align) for i in range(n)})
     return starts
-
-
-def head_logits(head, visual, text: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
-    """Logits ``(B, N, h, w)`` at the working size, cropped to ``valid``: the head's low-resolution output
-    upsampled as ``FusionHead.forward(..., out_size=padded)`` does, then cropped."""
-    return upsample_crop(head(visual, text), padded, valid)
 
 
 def upsample_crop(low: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:

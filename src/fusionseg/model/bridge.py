@@ -29,6 +29,13 @@ def has_classifier(image_encoder) -> bool:
     return hasattr(image_encoder, "classify_maps") and bool(getattr(image_encoder, "class_names", None))
 
 
+def require_classifier(image_encoder) -> None:
+    """Raise :class:`EncoderError` (naming the encoders that have one) unless the encoder has a named classifier."""
+    if not has_classifier(image_encoder):
+        raise EncoderError(f"the bridge needs an image encoder with a classifier head over named classes; "
+                           f"{image_encoder.spec.name} has none (use efficientnet-lite0, -lite1 or -lite2)")
+
+
 class ClassifierBridge:
     """Training-free open-vocabulary scores through a classifier's named classes.
 
@@ -39,9 +46,7 @@ class ClassifierBridge:
 
     def __init__(self, image_encoder, text_encoder, top_k: int = 10, label_templates: str = "none",
                  cache_dir=None, groups: bool = True, center: float = BRIDGE_CENTER, width: float = BRIDGE_WIDTH):
-        if not has_classifier(image_encoder):
-            raise EncoderError(f"the bridge needs an image encoder with a classifier head over named classes; "
-                               f"{image_encoder.spec.name} has none (use efficientnet-lite0, -lite1 or -lite2)")
+        require_classifier(image_encoder)
         from ..data.features import cached_text_embeddings
         self.image_encoder = image_encoder
         self.top_k = top_k
