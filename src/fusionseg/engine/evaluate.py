@@ -258,21 +258,19 @@ def evaluate_novel_names(segmenter, dataset, names: Sequence[str], threshold: fl
     meter, trivial, shuffled = EpisodeMeter(), EpisodeMeter(), EpisodeMeter()
     auc_r, auc_w = [], []
     per_auc: dict[int, list[float]] = {a: [] for a in range(k)}
-    order = range(len(dataset))
     n_img = 0
     examples = []
     t0 = time.time()
-    bar = tqdm(total=len(dataset) if max_images is None else min(len(dataset), max_images), desc="novel names",
-               unit="img", disable=not progress, dynamic_ncols=True)
-    for i in order:
+    bar = tqdm(total=len(dataset), desc="novel names", unit="img", disable=not progress, dynamic_ncols=True)
+    for i in range(len(dataset)):  # the bar counts images looked at; those without the names are skipped
         if max_images is not None and n_img >= max_images:
             break
+        bar.update(1)
         mask = dataset.load_mask(dataset.ids[i]) if hasattr(dataset, "load_mask") else dataset[i].mask
         present = [a for a, c in enumerate(ids) if (mask == c).any()]
         if not present:
             continue
         n_img += 1
-        bar.update(1)
         s = dataset[i]
         enc = segmenter.encode(s.image)
         target = torch.from_numpy(s.mask.astype(np.int64))
