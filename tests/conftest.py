@@ -99,6 +99,14 @@ def train_tiny(root: Path, n: int = 6, steps: int = 30, **overrides):
     return train(TrainConfig(**kw)), ds
 
 
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """``fusionseg ARGS`` in-process -> (exit code, stdout, stderr)."""
+    from fusionseg.cli import main
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture
 def shapes_dataset(tmp_path) -> Path:
     return make_shapes_dataset(tmp_path / "shapes")

@@ -8,20 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusionseg.cli import main
 
-from conftest import make_shapes_dataset, train_tiny
+from conftest import make_shapes_dataset, run_cli as run, train_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("cli"), n=6, steps=30)
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_segment_writes_three_files(tiny_ckpt, tmp_path, capsys):

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import REPO, HashText, PoolEncoder, train_tiny
-from fusionseg.cli import main
+from conftest import REPO, HashText, PoolEncoder, run_cli as run, train_tiny
 from fusionseg.model.fusioner import FusionHead, Fusioner, FusionerConfig
 from fusionseg.segmenter import (Prediction, Segmenter, TextCache, labels_from_logits, upsample_rows)
 
@@ -198,12 +197,6 @@ def test_upsample_rows_region_maps_padding_out():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("speed"), n=6, steps=5)
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_segment_pipeline_equals_one_at_a_time(tiny_model, tmp_path, capsys):
