@@ -89,6 +89,18 @@ def train_run(out: Path, data: list[Path], exclude: list[str], fusion: bool, ste
             "vocabulary": meta["training"]["vocabulary"], "validation": meta["training"].get("validation")}
 
 
+def variants(run: Path, nofusion_run: Path, bridge_alone: bool) -> list[tuple[str, Path, str]]:
+    """(row label, run folder, scoring mode) of every evaluated design; the bridge-prior run where it exists."""
+    out = [("fusion", run, "fusion"), ("no-fusion", nofusion_run, "fusion")]
+    if bridge_alone:  # training-free: the same in every run, so only where the table has a row for it
+        out.append(("bridge alone", run, "bridge"))
+    out.append(("fusion+bridge", run, "fusion+bridge"))
+    prior_run = run.parent / run.name.replace("-fusion", "-prior")
+    if (prior_run / "final.safetensors").is_file():
+        out.append(("bridge-prior model", prior_run, "fusion+bridge"))
+    return out
+
+
 def novel_rows(run: Path, nofusion_run: Path, ds, names: list[str], threads: int) -> dict:
     """Every row of the novel-names protocol on ``ds`` for ``names``."""
     import torch
@@ -96,12 +108,7 @@ def novel_rows(run: Path, nofusion_run: Path, ds, names: list[str], threads: int
     from fusionseg.segmenter import Segmenter
     torch.set_num_threads(threads)
     rows = {}
-    variants = [("fusion", run, "fusion"), ("no-fusion", nofusion_run, "fusion"), ("bridge alone", run, "bridge"),
-                ("fusion+bridge", run, "fusion+bridge")]
-    prior_run = run.parent / run.name.replace("-fusion", "-prior")
-    if (prior_run / "final.safetensors").is_file():
-        variants.append(("bridge-prior model", prior_run, "fusion+bridge"))
-    for label, path, mode in variants:
+    for label, path, mode in variants(run, nofusion_run, bridge_alone=True):
         t0 = time.time()
         seg = Segmenter.from_pretrained(path, device="cpu", mode=mode)
         r = evaluate_novel_names(seg, ds, names, progress=False)
@@ -121,11 +128,7 @@ def semantic_rows(run: Path, nofusion_run: Path, ds, novel: list[str], threads: 
     torch.set_num_threads(threads)
     nov = {normalize_name(n) for n in novel}
     rows = {}
-    variants = [("fusion", run, "fusion"), ("no-fusion", nofusion_run, "fusion"), ("fusion+bridge", run, "fusion+bridge")]
-    prior_run = run.parent / run.name.replace("-fusion", "-prior")
-    if (prior_run / "final.safetensors").is_file():
-        variants.append(("bridge-prior model", prior_run, "fusion+bridge"))
-    for label, path, mode in variants:
+    for label, path, mode in variants(run, nofusion_run, bridge_alone=False):
         seg = Segmenter.from_pretrained(path, device="cpu", mode=mode)
         r = evaluate_semantic(seg, ds, progress=False)
         pn = [v for n, v in r["per_class"].items() if normalize_name(n) in nov and v is not None]
