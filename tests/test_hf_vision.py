@@ -154,3 +154,30 @@ def test_errors_are_one_line(tmp_path):
     folder = _save(BertModel(BertConfig(vocab_size=10, max_position_embeddings=8, **SMALL)), tmp_path / "bert")
     with pytest.raises(EncoderError, match="not supported as an image encoder"):
         build_image_encoder(f"hf:{folder}")
+
+
+def test_clip_quick_gelu_swapped_bitwise_same(tmp_path):
+    """The frozen CLIP towers get the in-place QuickGELU (a CPU speed-up): every one is swapped, the output is
+    bitwise the one of transformers' own activation, and with gradients it falls back to the plain form."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers.activations import QuickGELUActivation
+    from fusionseg.encoders.base import InplaceQuickGELU
+    torch.manual_seed(0)
+    m = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=8, projection_dim=16, **SMALL))
+    ref = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=8, projection_dim=16, **SMALL))
+    ref.load_state_dict(m.state_dict())
+    enc = build_image_encoder(f"hf:{_save(m, tmp_path / 'clipv')}")
+    kinds = [type(x).__name__ for x in enc.modules()]
+    assert kinds.count("InplaceQuickGELU") == SMALL["num_hidden_layers"] and "QuickGELUActivation" not in kinds
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = ref.visual_projection(ref.vision_model.post_layernorm(ref.vision_model(pixel_values=x).last_hidden_state))
+    assert torch.equal(enc(x)[0].flatten(2).transpose(1, 2), want[:, 1:])
+    z = torch.randn(4, 64, requires_grad=True)
+    act, plain = InplaceQuickGELU(), QuickGELUActivation()
+    assert torch.equal(act(z), plain(z))
+    act(z).sum().backward()  # the in-place form would break this backward; the fallback does not
+    g = z.grad.clone()
+    z.grad = None
+    plain(z).sum().backward()
+    assert torch.allclose(g, z.grad)

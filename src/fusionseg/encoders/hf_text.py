@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import EncoderError, EncoderSpec, TextEncoder, fingerprint_state, register_text_encoder
+from .base import EncoderError, EncoderSpec, TextEncoder, fingerprint_state, lean_activations, register_text_encoder
 from .templates import resolve_templates
 
 #: Sentences per forward pass.
@@ -47,6 +47,7 @@ class HFTextEncoder(TextEncoder):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.model = model.eval()
+        lean_activations(self.model)
         self.tokenizer = tokenizer
         self.pooling = pooling
         cfg = model.config

@@ -20,7 +20,8 @@ import json
 import torch
 from torch import Tensor, nn
 
-from .base import EncoderError, EncoderSpec, ImageEncoder, fingerprint_state, register_image_encoder
+from .base import (EncoderError, EncoderSpec, ImageEncoder, fingerprint_state, lean_activations,
+                   register_image_encoder)
 from .hf_text import _one_line, _quiet, optional_file, resolve_ref
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -39,6 +40,7 @@ class HFVisionEncoder(ImageEncoder):
                  projection: nn.Module | None = None):
         super().__init__()
         self.model = model.eval()
+        lean_activations(self.model)
         self.kind = kind
         self.projection = projection
         cfg = model.config
