@@ -121,7 +121,7 @@ def test_bridge_mode_finds_the_cat_untrained(demo):
 
 def test_fusion_plus_bridge_routes_known_and_unknown_names(demo):
     img, _ = demo
-    fusion = Segmenter.from_pretrained("default", device="cpu")
+    fusion = Segmenter.from_pretrained("default", device="cpu", mode="fusion")
     bridge = Segmenter.from_pretrained("default", device="cpu", mode="bridge")
     both = Segmenter.from_pretrained("default", device="cpu", mode="fusion+bridge")
     names = ["cat", "toilet", "wombat"]  # the default saw cat and toilet in training, never wombat
@@ -131,7 +131,32 @@ def test_fusion_plus_bridge_routes_known_and_unknown_names(demo):
     enc = fusion.encode(img)
     lg = both.logits_from(enc, names)
     assert torch.allclose(lg[:2], fusion.logits_from(enc, names[:2]), atol=1e-5)
-    assert torch.allclose(lg[2:], bridge.logits_from(enc, names[2:]), atol=1e-5)
+    # the unknown name: the bridge, sharpened by the model's own map of it where the bridge already sees it
+    from fusionseg.model.bridge import refine_with_model
+    from fusionseg.segmenter import _frac, upsample_crop
+    t = both.text_embeddings(names[2:])
+    with torch.inference_mode():
+        low = refine_with_model(bridge.low_logits(enc.visual, names[2:], t), fusion.low_logits(enc.visual, names[2:], t),
+                                [_frac(enc.valid, enc.padded)])
+    want = upsample_crop(low, enc.padded, enc.valid)[0]
+    assert torch.allclose(lg[2:], want, atol=1e-4)
+    assert not torch.allclose(lg[2:], bridge.logits_from(enc, names[2:]), atol=1e-2)
+
+
+def test_refine_with_model_is_gated_and_standardized():
+    from fusionseg.model.bridge import REFINE_WEIGHT, refine_with_model, standardize
+    torch.manual_seed(0)
+    model = torch.randn(2, 3, 8, 10) * 5 + 7
+    z = standardize(model, [(1.0, 1.0), (0.5, 0.5)])
+    assert torch.allclose(z[0].flatten(1).mean(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(z[0].flatten(1).std(1, unbiased=False), torch.ones(3), atol=1e-5)
+    # item 1: stats over its valid top-left 4x5 only (padding left out)
+    assert torch.allclose(z[1, :, :4, :5].flatten(1).mean(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(standardize(model * 3 - 2), standardize(model), atol=1e-4)  # level and scale drop out
+    far = torch.full((2, 3, 8, 10), -20.0)  # the bridge says "not this name": the model's map adds ~nothing
+    assert (refine_with_model(far, model) - far).abs().max() < 1e-6
+    sure = torch.full((2, 3, 8, 10), 20.0)  # the bridge says "this name": its shape comes from the model
+    assert torch.allclose(refine_with_model(sure, model) - sure, REFINE_WEIGHT * standardize(model), atol=1e-4)
 
 
 def test_cli_novel_names_and_bridge_mode(tmp_path, capsys):

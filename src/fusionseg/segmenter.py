@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .data.io import load_image_with_size
 from .data.transforms import pad_to, resize_image, round_up, to_tensor
+from .model.bridge import refine_with_model
 from .model.checkpoint import load_model
 
 MAX_CLASSES = 1000
@@ -294,14 +295,17 @@ class Segmenter:
         names = list(class_names)
         text = self.text_embeddings(names)
         with self._autocast():
-            low = self.low_logits(encoded.visual, names, text)
+            low = self.low_logits(encoded.visual, names, text, [_frac(encoded.valid, encoded.padded)])
         return upsample_crop(low, encoded.padded, encoded.valid)[0].float()
 
-    def low_logits(self, visual, names: Sequence[str], text: torch.Tensor) -> torch.Tensor:
+    def low_logits(self, visual, names: Sequence[str], text: torch.Tensor,
+                   valid: Sequence[tuple[float, float]] | None = None) -> torch.Tensor:
         """Encoder maps + names -> logits ``(B, N, hl, wl)`` at the decoder's resolution, scored as :attr:`mode`
         says: ``fusion`` the trained model; ``bridge`` the classifier bridge; ``fusion+bridge`` the model for
-        names near its training vocabulary and the bridge for the others (a model trained with the bridge as
-        input instead takes every name, the unknown ones with its unknown-name token)."""
+        names near its training vocabulary and, for the others, the bridge sharpened by the model's own map of
+        those names (:func:`~fusionseg.model.bridge.refine_with_model`); a model trained with the bridge as
+        input instead takes every name, the unknown ones with its unknown-name token.
+        ``valid``: per batch item the (height, width) fractions of the maps that show the image (default all)."""
         cfg = self.model.head.cfg
         with_prior = bool(getattr(cfg, "prior", False))
         unknown = None
@@ -329,7 +333,13 @@ class Segmenter:
                 if tuple(lo.shape[-2:]) != (hl, wl) else lo.float()
         known = set(fused)
         bridged = [i for i in range(len(names)) if i not in known]
-        out[:, bridged] = self.bridge.logits(visual, text[bridged], (hl, wl)).float()
+        br = self.bridge.logits(visual, text[bridged], (hl, wl)).float()
+        if self.mode == "fusion+bridge":  # the unknown names decoded together, without the known ones
+            lo = self.model.head(visual, text[bridged]).float()
+            if tuple(lo.shape[-2:]) != (hl, wl):
+                lo = F.interpolate(lo, size=(hl, wl), mode="bilinear", align_corners=False)
+            br = refine_with_model(br, lo, valid)
+        out[:, bridged] = br
         return out
 
     def foreground(self, encoded: "EncodedImage", name: str, threshold: float | None = None) -> torch.Tensor:
@@ -395,7 +405,7 @@ class Segmenter:
             x = torch.cat([preps[i].x for i in idx]).to(self.device)
             with self._autocast():
                 visual = self.model.encode_image(x)
-                low = self.low_logits(visual, names, text)  # (B, N, Hp/os, Wp/os): decoder resolution
+                low = self.low_logits(visual, names, text, [_frac(preps[i].valid, shape) for i in idx])  # (B, N, Hp/os, Wp/os)
             for b, i in enumerate(idx):
                 lg = upsample_crop(low[b:b + 1], shape, preps[i].valid)[0].float()
                 labels, scores = labels_from_logits(lg, preps[i].orig, thr, background)
@@ -435,7 +445,7 @@ class Segmenter:
                     m[0, :, y0 // s:y1 // s, x0 // s:x1 // s] = \
                         f[n, :, (y0 - ys[j]) // s:(y1 - ys[j]) // s, (x0 - xs[i]) // s:(x1 - xs[i]) // s]
         with self._autocast():
-            low = self.low_logits(maps, names, text)
+            low = self.low_logits(maps, names, text, [_frac((h, w), (Hp, Wp))])
         return low[0].float(), (w / os_, h / os_)
 
 
@@ -453,6 +463,11 @@ def _starts(total: int, tile: int, align: int) -> list[int]:
     n = -(-(total - tile) // step) + 1
     starts = sorted({min(total - tile, round(i * (total - tile) / (n - 1) / align) * align) for i in range(n)})
     return starts
+
+
+def _frac(valid: tuple[int, int], padded: tuple[int, int]) -> tuple[float, float]:
+    """(h, w) of the image inside a padded (H, W) input -> the fractions (h / H, w / W)."""
+    return valid[0] / padded[0], valid[1] / padded[1]
 
 
 def upsample_crop(low: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
