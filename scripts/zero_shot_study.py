@@ -89,8 +89,9 @@ def train_run(out: Path, data: list[Path], exclude: list[str], fusion: bool, ste
             "vocabulary": meta["training"]["vocabulary"], "validation": meta["training"].get("validation")}
 
 
-def variants(run: Path, nofusion_run: Path, bridge_alone: bool) -> list[tuple[str, Path, str]]:
-    """(row label, run folder, scoring mode) of every evaluated design; the bridge-prior run where it exists."""
+def variants(run: Path, nofusion_run: Path, bridge_alone: bool, rows: set[str] | None = None) -> list[tuple[str, Path, str]]:
+    """(row label, run folder, scoring mode) of every evaluated design; the bridge-prior run where it exists.
+    ``rows``: only these labels (``--rows``; the others are kept from results.json)."""
     out = [("fusion", run, "fusion"), ("no-fusion", nofusion_run, "fusion")]
     if bridge_alone:  # training-free: the same in every run, so only where the table has a row for it
         out.append(("bridge alone", run, "bridge"))
@@ -98,17 +99,17 @@ def variants(run: Path, nofusion_run: Path, bridge_alone: bool) -> list[tuple[st
     prior_run = run.parent / run.name.replace("-fusion", "-prior")
     if (prior_run / "final.safetensors").is_file():
         out.append(("bridge-prior model", prior_run, "fusion+bridge"))
-    return out
+    return [v for v in out if rows is None or v[0] in rows]
 
 
-def novel_rows(run: Path, nofusion_run: Path, ds, names: list[str], threads: int) -> dict:
+def novel_rows(run: Path, nofusion_run: Path, ds, names: list[str], threads: int, rows_only=None) -> dict:
     """Every row of the novel-names protocol on ``ds`` for ``names``."""
     import torch
     from fusionseg.engine.evaluate import evaluate_novel_names
     from fusionseg.segmenter import Segmenter
     torch.set_num_threads(threads)
     rows = {}
-    for label, path, mode in variants(run, nofusion_run, bridge_alone=True):
+    for label, path, mode in variants(run, nofusion_run, bridge_alone=True, rows=rows_only):
         t0 = time.time()
         seg = Segmenter.from_pretrained(path, device="cpu", mode=mode)
         r = evaluate_novel_names(seg, ds, names, progress=False)
@@ -119,7 +120,7 @@ def novel_rows(run: Path, nofusion_run: Path, ds, names: list[str], threads: int
     return rows
 
 
-def semantic_rows(run: Path, nofusion_run: Path, ds, novel: list[str], threads: int) -> dict:
+def semantic_rows(run: Path, nofusion_run: Path, ds, novel: list[str], threads: int, rows_only=None) -> dict:
     """Whole vocabulary: every class of ``ds`` named at once; mIoU over the novel and over the other names."""
     import torch
     from fusionseg.data.datasets import normalize_name
@@ -128,7 +129,7 @@ def semantic_rows(run: Path, nofusion_run: Path, ds, novel: list[str], threads: 
     torch.set_num_threads(threads)
     nov = {normalize_name(n) for n in novel}
     rows = {}
-    for label, path, mode in variants(run, nofusion_run, bridge_alone=False):
+    for label, path, mode in variants(run, nofusion_run, bridge_alone=False, rows=rows_only):
         seg = Segmenter.from_pretrained(path, device="cpu", mode=mode)
         r = evaluate_semantic(seg, ds, progress=False)
         pn = [v for n, v in r["per_class"].items() if normalize_name(n) in nov and v is not None]
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--force", action="store_true", help="evaluate parts already in results.json again")
     ap.add_argument("--prior", default="msrc6", help="parts that also train the bridge-prior model (--bridge-prior)")
+    ap.add_argument("--rows", default=None, help="with --force: evaluate only these rows (comma-separated labels, "
+                    "e.g. \"fusion+bridge\") and keep the others from results.json")
     ap.add_argument("--results", default=None, help="write the Markdown tables here (e.g. docs/RESULTS.md)")
     a = ap.parse_args()
     from fusionseg.data.datasets import FolderDataset, normalize_name
@@ -164,10 +167,18 @@ def main() -> None:
     names80 = coco_names(root)
 
     done: set[str] = set()
+    rows_only = {r.strip() for r in a.rows.split(",")} if a.rows else None
+
+    def merge(old: dict, new: dict) -> dict:
+        """``new`` into ``old``, dict by dict: rows not evaluated again stay as they were."""
+        for k, v in new.items():
+            old[k] = merge(old[k], v) if isinstance(v, dict) and isinstance(old.get(k), dict) else v
+        return old
 
     def save():  # merge into the file: several study processes (different parts) may run side by side
         current = json.loads(res_path.read_text()) if res_path.is_file() else {}
-        current.update({k: results[k] for k in done})
+        for k in done:
+            current[k] = merge(current[k], results[k]) if rows_only and isinstance(current.get(k), dict) else results[k]
         tmp = res_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(current, indent=1))
         tmp.replace(res_path)
@@ -192,9 +203,9 @@ def main() -> None:
             print(f"fold {f}: {len(ds)} held-out COCO images, {len(novel_here)} of the 20 novel names present", flush=True)
             results[f"fold{f}"] = {"novel": novel, "novel_present": novel_here, "train": runs,
                                    "novel_names": novel_rows(out / f"fold{f}-fusion", out / f"fold{f}-nofusion", ds,
-                                                             novel_here, a.threads),
+                                                             novel_here, a.threads, rows_only),
                                    "semantic": semantic_rows(out / f"fold{f}-fusion", out / f"fold{f}-nofusion", ds,
-                                                             novel, a.threads)}
+                                                             novel, a.threads, rows_only)}
             done.add(f"fold{f}")
             save()
     if "cross" in parts:
@@ -210,9 +221,9 @@ def main() -> None:
                 print(f"cross-dataset {name}: {len(ds)} images, names never used in training: {', '.join(unseen)}")
                 entry[name] = {"unseen": unseen,
                                "novel_names": novel_rows(out / "cross-fusion", out / "cross-nofusion", ds, unseen,
-                                                         a.threads),
+                                                         a.threads, rows_only),
                                "semantic": semantic_rows(out / "cross-fusion", out / "cross-nofusion", ds, unseen,
-                                                         a.threads)}
+                                                         a.threads, rows_only)}
             results["cross"] = entry
             done.add("cross")
             save()
@@ -229,9 +240,9 @@ def main() -> None:
             print(f"msrc6: {len(shown)} MSRC images show the six names (held out); {len(seen_val)} other val images")
             results["msrc6"] = {"train": runs, "images": len(shown),
                                 "novel_names": novel_rows(out / "msrc6-fusion", out / "msrc6-nofusion",
-                                                          msrc.subset(shown), MSRC6, a.threads),
+                                                          msrc.subset(shown), MSRC6, a.threads, rows_only),
                                 "semantic_seen": semantic_rows(out / "msrc6-fusion", out / "msrc6-nofusion",
-                                                               msrc.subset(seen_val), MSRC6, a.threads)}
+                                                               msrc.subset(seen_val), MSRC6, a.threads, rows_only)}
             done.add("msrc6")
             save()
     if a.results:

@@ -134,10 +134,11 @@ def test_fusion_plus_bridge_routes_known_and_unknown_names(demo):
     # the unknown name: the bridge, sharpened by the model's own map of it where the bridge already sees it
     from fusionseg.model.bridge import refine_with_model
     from fusionseg.segmenter import _frac, upsample_crop
-    t = both.text_embeddings(names[2:])
-    with torch.inference_mode():
+    t, tk = both.text_embeddings(names[2:]), both.text_embeddings(names[:2])
+    with torch.inference_mode():  # where the model sees cat or toilet, wombat gets no boost
+        claimed = fusion.low_logits(enc.visual, names[:2], tk).sigmoid().amax(1)
         low = refine_with_model(bridge.low_logits(enc.visual, names[2:], t), fusion.low_logits(enc.visual, names[2:], t),
-                                [_frac(enc.valid, enc.padded)])
+                                [_frac(enc.valid, enc.padded)], claimed=claimed)
     want = upsample_crop(low, enc.padded, enc.valid)[0]
     assert torch.allclose(lg[2:], want, atol=1e-4)
     assert not torch.allclose(lg[2:], bridge.logits_from(enc, names[2:]), atol=1e-2)
@@ -157,6 +158,11 @@ def test_refine_with_model_is_gated_and_standardized():
     assert (refine_with_model(far, model) - far).abs().max() < 1e-6
     sure = torch.full((2, 3, 8, 10), 20.0)  # the bridge says "this name": its shape comes from the model
     assert torch.allclose(refine_with_model(sure, model) - sure, REFINE_WEIGHT * standardize(model), atol=1e-4)
+    claimed = torch.zeros(2, 8, 10)
+    claimed[:, :4] = 1.0  # a known name sure in the top half: no boost there, the full boost below
+    d = refine_with_model(sure, model, claimed=claimed) - sure
+    assert d[:, :, :4].abs().max() < 1e-6
+    assert torch.allclose(d[:, :, 4:], REFINE_WEIGHT * standardize(model)[:, :, 4:], atol=1e-4)
 
 
 def test_cli_novel_names_and_bridge_mode(tmp_path, capsys):

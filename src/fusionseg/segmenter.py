@@ -338,7 +338,8 @@ class Segmenter:
             lo = self.model.head(visual, text[bridged]).float()
             if tuple(lo.shape[-2:]) != (hl, wl):
                 lo = F.interpolate(lo, size=(hl, wl), mode="bilinear", align_corners=False)
-            br = refine_with_model(br, lo, valid)
+            claimed = out[:, fused].sigmoid().amax(1) if fused else None  # known names have priority
+            br = refine_with_model(br, lo, valid, claimed=claimed)
         out[:, bridged] = br
         return out
 
