@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download in tests
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +182,65 @@ def test_clip_quick_gelu_swapped_bitwise_same(tmp_path):
     z.grad = None
     plain(z).sum().backward()
     assert torch.allclose(g, z.grad)
+
+
+LABELS = {0: "tabby, tabby cat", 1: "golden retriever", 2: "sports car, sport car"}
+
+
+def test_image_classification_checkpoint_keeps_its_head_for_the_bridge(tmp_path):
+    """A transformers image-classification checkpoint (ViT) with real id2label names: the encoder keeps the
+    classifier, reads it at every patch token, and names its classes from id2label (split at commas)."""
+    from transformers import ViTConfig, ViTForImageClassification
+    from fusionseg.model.bridge import has_classifier
+    torch.manual_seed(0)
+    m = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, id2label=LABELS,
+                                            label2id={v: k for k, v in LABELS.items()}, **SMALL)).eval()
+    enc = build_image_encoder(f"hf:{_save(m, tmp_path / 'vitcls')}")
+    assert has_classifier(enc) and enc.class_names == tuple(LABELS.values())
+    assert enc.class_synonyms() == [["tabby", "tabby cat"], ["golden retriever"], ["sports car", "sport car"]]
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        fmap = enc(x)
+        dense = enc.classify_maps(fmap)
+        tokens = m.vit(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+        want = m.classifier(tokens)  # (B, 24, 3): the head on each patch token
+    assert dense.shape == (2, 3, 4, 6)
+    assert torch.allclose(dense.flatten(2).transpose(1, 2), want, atol=1e-5)
+    # a checkpoint without real names (LABEL_0, ...) is a plain encoder: no bridge
+    plain = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, num_labels=3, **SMALL))
+    assert not has_classifier(build_image_encoder(f"hf:{_save(plain, tmp_path / 'vitplain')}"))
+
+
+def test_dinov2_classifier_reads_token_and_mean(tmp_path):
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+    torch.manual_seed(0)
+    m = Dinov2ForImageClassification(Dinov2Config(image_size=28, patch_size=7, id2label=LABELS,
+                                                  label2id={v: k for k, v in LABELS.items()}, **SMALL)).eval()
+    enc = build_image_encoder(f"hf:{_save(m, tmp_path / 'dinocls')}")
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        fmap = enc(x)[0]
+        dense = enc.classify_maps([fmap])
+        t = fmap.flatten(2).transpose(1, 2)[0]  # (16, C)
+        want = m.classifier(torch.cat([t, t.mean(0, keepdim=True).expand_as(t)], dim=1))
+    assert torch.allclose(dense[0].flatten(1).T, want, atol=1e-5)
+
+
+def test_bridge_mode_with_an_id2label_classifier(tmp_path):
+    """`--mode bridge` works with any encoder that has a named classifier, not only EfficientNet-Lite."""
+    from transformers import ViTConfig, ViTForImageClassification
+    from fusionseg.encoders.base import build_text_encoder
+    from fusionseg.model.fusioner import FusionHead, Fusioner, FusionerConfig
+    from fusionseg.segmenter import Segmenter
+    torch.manual_seed(0)
+    m = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, id2label=LABELS,
+                                            label2id={v: k for k, v in LABELS.items()}, **SMALL)).eval()
+    enc = build_image_encoder(f"hf:{_save(m, tmp_path / 'vitcls')}")
+    text = build_text_encoder("minilm-l6")
+    head = FusionHead(FusionerConfig.from_preset("tiny", enc.strides, enc.channels, text.dim)).eval()
+    seg = Segmenter(Fusioner(enc, text, head), {"image_size": 64}, "cpu", size=64, mode="bridge")
+    img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    lg = seg.logits(img, ["cat", "dog", "car"])[0]
+    assert lg.shape[0] == 3 and torch.isfinite(lg).all()
+    probs = seg.bridge.probabilities(seg.encode(img).visual)  # the bridge reads the id2label classes
+    assert probs.shape[1] == 3 and torch.allclose(probs.sum(1), torch.ones(1), atol=1e-5)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,12 +38,18 @@ class HFVisionEncoder(ImageEncoder):
     """A frozen ``transformers`` ViT-style vision model as a one-level feature map ``[(B, C, H/p, W/p)]``."""
 
     def __init__(self, name: str, source: str, model: nn.Module, kind: str, mean, std,
-                 projection: nn.Module | None = None):
+                 projection: nn.Module | None = None, classifier: nn.Linear | None = None,
+                 labels: Sequence[str] | None = None):
         super().__init__()
         self.model = model.eval()
         lean_activations(self.model)
         self.kind = kind
         self.projection = projection
+        # An image-classification checkpoint keeps its head: the semantic bridge (model/bridge.py) reads it per
+        # location through the labels' names (id2label), as it does EfficientNet-Lite's ImageNet head.
+        self.classifier = classifier
+        if classifier is not None:
+            self.class_names = tuple(labels or ())
         cfg = model.config
         self.patch = int(cfg.patch_size)
         # Leading non-patch tokens: CLS (+ DeiT's distillation token, + DINOv2's registers); SigLIP has none.
@@ -80,6 +87,27 @@ class HFVisionEncoder(ImageEncoder):
             raise RuntimeError(f"{self.spec.name}: got {tokens.shape[1]} patch tokens for a {gh}x{gw} grid")
         return [tokens.transpose(1, 2).reshape(b, -1, gh, gw)]
 
+    def classify_maps(self, maps: list[Tensor]) -> Tensor:
+        """Dense class logits ``(B, K, h, w)`` from :meth:`forward`'s map: the checkpoint's classifier (trained on
+        the class token) applied to every patch token; a head over [class token, mean patch token] (DINOv2)
+        gets [patch token, mean patch token]."""
+        if self.classifier is None:
+            raise AttributeError(f"{self.spec.name} has no classifier head")
+        fmap = maps[-1]
+        w, bias = self.classifier.weight, self.classifier.bias
+        c = fmap.shape[1]
+        if w.shape[1] == 2 * c:
+            mean = fmap.mean(dim=(2, 3))
+            out = torch.einsum("bchw,kc->bkhw", fmap, w[:, :c].to(fmap.dtype)) \
+                + (mean @ w[:, c:].T.to(fmap.dtype))[:, :, None, None]
+        else:
+            out = torch.einsum("bchw,kc->bkhw", fmap, w.to(fmap.dtype))
+        return out + bias.to(fmap.dtype).view(1, -1, 1, 1) if bias is not None else out
+
+    def class_synonyms(self) -> list[list[str]]:
+        """Each label's names: id2label entries such as "tabby, tabby cat" are split at the commas."""
+        return [[p.strip() for p in str(n).split(",") if p.strip()] or [str(n)] for n in self.class_names]
+
 
 def _norm_stats(ref: str, local: bool, kind: str) -> tuple[tuple, tuple]:
     """image_mean / image_std from the checkpoint's preprocessor_config.json, else the family's defaults."""
@@ -96,7 +124,7 @@ def _norm_stats(ref: str, local: bool, kind: str) -> tuple[tuple, tuple]:
 
 
 def _load(ref: str, local: bool, name: str):
-    """(vision model, kind, projection or None) for a folder or hub id."""
+    """(vision model, kind, projection or None, (classifier, labels) or None) for a folder or hub id."""
     from transformers import AutoConfig, AutoModel
     _quiet()
     kw = {"local_files_only": True} if local else {}
@@ -113,15 +141,34 @@ def _load(ref: str, local: bool, name: str):
             vcfg = cfg.vision_config
             vcfg.projection_dim = cfg.projection_dim
         m = CLIPVisionModelWithProjection.from_pretrained(ref, config=vcfg, **kw)
-        return m.vision_model, kind, m.visual_projection
+        return m.vision_model, kind, m.visual_projection, None
     if kind == "siglip":
         from transformers import SiglipVisionModel
         vcfg = cfg.vision_config if mt == "siglip" else cfg
         vcfg.vision_use_head = False  # the attention-pooling head is not used for patch tokens
         m = SiglipVisionModel.from_pretrained(ref, config=vcfg, **kw)
-        return getattr(m, "vision_model", m), kind, None
+        return getattr(m, "vision_model", m), kind, None, None
+    labels = _labels(cfg)
+    if labels and any(str(a).endswith("ForImageClassification") for a in (getattr(cfg, "architectures", None) or [])):
+        from transformers import AutoModelForImageClassification
+        m = AutoModelForImageClassification.from_pretrained(ref, **kw)
+        if isinstance(getattr(m, "classifier", None), nn.Linear):
+            return m.base_model, kind, None, (m.classifier, labels)
     extra = {"add_pooling_layer": False} if mt in ("vit", "deit") else {}
-    return AutoModel.from_pretrained(ref, **extra, **kw), kind, None
+    return AutoModel.from_pretrained(ref, **extra, **kw), kind, None, None
+
+
+def _labels(cfg) -> list[str] | None:
+    """The class names of an image-classification config (id2label in index order), or None when it has only
+    transformers' placeholders (LABEL_0, ...) or fewer than two."""
+    id2label = getattr(cfg, "id2label", None) or {}
+    try:
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        return None
+    if len(labels) < 2 or all(l.startswith("LABEL_") for l in labels):
+        return None
+    return labels
 
 
 @register_image_encoder("hf:")
@@ -130,11 +177,12 @@ def build_hf_vision(name: str) -> HFVisionEncoder:
     ``hf:facebook/dino-vitb16``, ``hf:facebook/dinov2-small``, ``hf:openai/clip-vit-base-patch16``."""
     ref, local = resolve_ref(name, "image")
     try:
-        model, kind, projection = _load(ref, local, name)
+        model, kind, projection, head = _load(ref, local, name)
     except EncoderError:
         raise
     except Exception as e:  # transformers raises many types; the user needs one line
         where = "the folder" if local else "the name or your network"
         raise EncoderError(f"could not load image encoder {name}: {_one_line(e)}; check {where}") from None
     mean, std = _norm_stats(ref, local, kind)
-    return HFVisionEncoder(name, ref if local else f"hf:{ref}", model, kind, mean, std, projection)
+    classifier, labels = head if head is not None else (None, None)
+    return HFVisionEncoder(name, ref if local else f"hf:{ref}", model, kind, mean, std, projection, classifier, labels)

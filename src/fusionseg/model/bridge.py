@@ -38,7 +38,8 @@ def require_classifier(image_encoder) -> None:
     """Raise :class:`EncoderError` (naming the encoders that have one) unless the encoder has a named classifier."""
     if not has_classifier(image_encoder):
         raise EncoderError(f"the bridge needs an image encoder with a classifier head over named classes; "
-                           f"{image_encoder.spec.name} has none (use efficientnet-lite0, -lite1 or -lite2)")
+                           f"{image_encoder.spec.name} has none (use efficientnet-lite0, -lite1 or -lite2, or an hf: "
+                           f"image-classification checkpoint with named labels, e.g. hf:google/vit-base-patch16-224)")
 
 
 class ClassifierBridge:
