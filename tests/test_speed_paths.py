@@ -3,11 +3,12 @@ text cache, sliding-window encoding, the banded summary, and the segment command
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
