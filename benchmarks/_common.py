@@ -112,7 +112,7 @@ def clip_vit_b16_folder(folder: Path) -> Path:
     return folder
 
 
-def vit_b16_paper_segmenter(folder: Path, size: int, compile: bool = False):
+def vit_b16_paper_segmenter(folder: Path, size: int):
     """Segmenter over an ``hf:`` CLIP ViT-B/16 (random weights) + the ``paper`` preset head (random weights),
     text from a cached random 512-d stand-in."""
     from fusionseg.encoders.base import build_image_encoder
@@ -122,7 +122,7 @@ def vit_b16_paper_segmenter(folder: Path, size: int, compile: bool = False):
     text = RandomText(512)
     torch.manual_seed(0)
     head = FusionHead(FusionerConfig.from_preset("paper", enc.strides, enc.channels, text.dim)).eval()
-    return Segmenter(Fusioner(enc, text, head), {"image_size": size}, "cpu", size=size, compile=compile)
+    return Segmenter(Fusioner(enc, text, head), {"image_size": size}, "cpu", size=size)
 
 
 def default_segmenter(size: int):

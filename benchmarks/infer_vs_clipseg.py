@@ -9,13 +9,12 @@ prompts are processed in chunks of ``--clipseg-chunk`` (memory); its time is the
 Times are medians of A/B interleaved repeats: fusionseg from the prepared tensor to the label map,
 CLIPSeg from pixel_values + input_ids to sigmoid scores.
 
-Usage: python benchmarks/infer_vs_clipseg.py [--classes 1,5,20,80] [--size 352] [--repeats 3] [--threads 2] [--compile]
+Usage: python benchmarks/infer_vs_clipseg.py [--classes 1,5,20,80] [--size 352] [--repeats 3] [--threads 2]
 Targets: at 1 name fusionseg <= 1.3x CLIPSeg's time; at 20 names >= 10x faster.
 """
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import _common as C
@@ -39,9 +38,6 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=352, help="image side in px (64..1024, a multiple of 16)")
     ap.add_argument("--clipseg-chunk", type=int, default=20, help="CLIPSeg prompts per forward (memory)")
     ap.add_argument("--prompt-tokens", type=int, default=8, help="CLIPSeg prompt length in tokens incl. BOS/EOS")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time fusionseg with Segmenter(compile=True) (torch.compile; compile time not counted, "
-                         "reported apart)")
     ap.set_defaults(repeats=3)
     a = ap.parse_args()
     C.setup(a)
@@ -55,19 +51,12 @@ def main() -> None:
     from fusionseg.segmenter import Prepared
     tmp = Path(tempfile.mkdtemp(prefix="fusionseg-bench-"))
     seg = C.vit_b16_paper_segmenter(tmp / "clip-vit-b16", a.size)
-    segc = C.vit_b16_paper_segmenter(tmp / "clip-vit-b16", a.size, compile=True) if a.compile else None
     clipseg = clipseg_model()
     torch.manual_seed(1)
     pix = torch.randn(1, 3, a.size, a.size)
     prep = Prepared(pix, (a.size, a.size), (a.size, a.size))
     vocab = [f"class {i}" for i in range(max(counts))]
     seg.text_embeddings(vocab)  # the text cache: names are encoded once, as in a session
-    if segc is not None:
-        segc.text_embeddings(vocab)
-        t0 = time.perf_counter()
-        for n in counts:  # one compile per number of names (the class-token count is part of the shape)
-            segc.predict(prep, vocab[:n])
-        print(f"torch.compile: {time.perf_counter() - t0:.0f} s to compile for {len(counts)} name counts (not timed below)")
     ids_all = torch.randint(1, 49000, (max(counts), a.prompt_tokens))
     ids_all[:, 0], ids_all[:, -1] = 49406, 49407  # BOS ... EOS (EOS is the largest id: CLIP pools there)
 
@@ -82,9 +71,6 @@ def main() -> None:
         def ours():
             seg.predict(prep, names)
 
-        def ours_compiled():
-            segc.predict(prep, names)
-
         @torch.inference_mode()
         def peer():
             for s in range(0, n, a.clipseg_chunk):
@@ -92,30 +78,17 @@ def main() -> None:
                 out = clipseg(input_ids=ids[s:s + k], pixel_values=pix.expand(k, -1, -1, -1))
                 out.logits.sigmoid()
 
-        fns = {"ours": ours, "clipseg": peer}
-        if segc is not None:
-            fns["compiled"] = ours_compiled
-        t = C.interleaved(fns, a.repeats if n <= 20 else max(1, a.repeats // 2))
-        row = [n, f"{t['ours'] * 1000:.0f}", f"{t['clipseg'] * 1000:.0f}", f"{t['ours'] / t['clipseg']:.2f}x",
-               f"{t['clipseg'] / t['ours']:.1f}x"]
-        if segc is not None:
-            row += [f"{t['compiled'] * 1000:.0f}", f"{t['compiled'] / t['clipseg']:.2f}x", f"{t['clipseg'] / t['compiled']:.1f}x"]
-        rows.append(row)
-        print(f"  {n} names: fusionseg {t['ours'] * 1000:.0f} ms, CLIPSeg {t['clipseg'] * 1000:.0f} ms"
-              + (f", fusionseg compiled {t['compiled'] * 1000:.0f} ms" if segc is not None else ""), flush=True)
-    head = ["names", "fusionseg ms", "CLIPSeg ms", "fusionseg / CLIPSeg time", "speed-up"]
-    if segc is not None:
-        head += ["compiled ms", "compiled / CLIPSeg time", "compiled speed-up"]
-    print(C.table(head, rows))
+        t = C.interleaved({"ours": ours, "clipseg": peer}, a.repeats if n <= 20 else max(1, a.repeats // 2))
+        rows.append([n, f"{t['ours'] * 1000:.0f}", f"{t['clipseg'] * 1000:.0f}", f"{t['ours'] / t['clipseg']:.2f}x",
+                     f"{t['clipseg'] / t['ours']:.1f}x"])
+        print(f"  {n} names: fusionseg {t['ours'] * 1000:.0f} ms, CLIPSeg {t['clipseg'] * 1000:.0f} ms", flush=True)
+    print(C.table(["names", "fusionseg ms", "CLIPSeg ms", "fusionseg / CLIPSeg time", "speed-up"], rows))
     one = next((r for r in rows if r[0] == 1), None)
     twenty = next((r for r in rows if r[0] == 20), None)
-    for label, k in [("eager", 3)] + ([("compiled", 6)] if segc is not None else []):
-        if one:
-            print(f"target 1 name ({label}): fusionseg <= 1.3x CLIPSeg time: {one[k]} -> "
-                  f"{'met' if float(one[k][:-1]) <= 1.3 else 'NOT met'}")
-        if twenty:
-            print(f"target 20 names ({label}): >= 10x faster: {twenty[k + 1]} -> "
-                  f"{'met' if float(twenty[k + 1][:-1]) >= 10 else 'NOT met'}")
+    if one:
+        print(f"target 1 name: fusionseg <= 1.3x CLIPSeg time: {one[3]} -> {'met' if float(one[3][:-1]) <= 1.3 else 'NOT met'}")
+    if twenty:
+        print(f"target 20 names: >= 10x faster: {twenty[4]} -> {'met' if float(twenty[4][:-1]) >= 10 else 'NOT met'}")
 
 
 if __name__ == "__main__":

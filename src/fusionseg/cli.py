@@ -133,8 +133,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     _check_writable(out)
     if a.threads:
         torch.set_num_threads(a.threads)
-    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile, mode=a.mode,
-                                    compile=a.compile)
+    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile, mode=a.mode)
     thr = seg.threshold if a.threshold is None else a.threshold
     workers = a.workers if len(paths) >= 4 else 0  # starting processes does not pay for a few images
     ds = _SegmentInputs(paths, seg.preparer(), not a.no_overlay)
@@ -343,9 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion: the trained model; bridge: training-free, through the image encoder's classifier "
                         "classes; fusion+bridge: the model for names it was trained on, the bridge for new ones; "
                         "auto (default): fusion+bridge where the image encoder has a classifier head, else fusion")
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile the encoder and head: pays on large folders of one image size (the first "
-                        "image of each new shape compiles, up to a minute or more; later ones run ~5%% faster on CPU)")
     s.set_defaults(func=cmd_segment)
 
     t = sub.add_parser("train", help="train the fusion model (cached frozen features; torchrun for several GPUs)",

@@ -198,7 +198,7 @@ class Segmenter:
 
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
                  threshold: float | None = None, tile: int | None = None, text_cache: TextCache | None = None,
-                 text_cache_size: int = 4096, mode: str = "auto", compile: bool = False):
+                 text_cache_size: int = 4096, mode: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if mode == "auto":
@@ -221,12 +221,6 @@ class Segmenter:
         if mode != "fusion":  # fail now, naming the encoders that have a classifier; build the bridge on first use
             from .model.bridge import require_classifier
             require_classifier(model.image_encoder)
-        self.compiled = bool(compile)
-        if compile:  # torch.compile the frozen encoder and the head in place: the first call of each new input
-            # shape compiles (about a minute for ViT-B/16 + paper), later calls run ~5% faster on a CPU. For
-            # long-lived use (serve, folders); same logits as eager within float rounding.
-            self.model.image_encoder.compile()
-            self.model.head.compile()
 
     @property
     def bridge(self):
