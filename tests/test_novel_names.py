@@ -207,3 +207,21 @@ def test_bridge_prior_model_trains_saves_and_serves_unknown_names(tmp_path):
     assert lg.shape[0] == 2 and torch.isfinite(lg).all()
     plain = Segmenter.from_pretrained(ckpt, device="cpu", mode="fusion").logits_from(enc, ["square", "wombat"])
     assert not torch.allclose(lg[1], plain[1])  # the unknown name was decoded with the unknown-name token
+
+
+def test_bridge_reads_the_classifier_at_its_own_size(demo):
+    """Above BRIDGE_SIZE the bridge runs the encoder once more on the image at that size (the ImageNet head
+    loses whole objects in the stride-32 cells of a large canvas); at or below it, nothing extra is computed."""
+    from fusionseg.model.bridge import BRIDGE_SIZE
+    img, gt = demo
+    small = Segmenter.from_pretrained("default", device="cpu", mode="bridge", size=BRIDGE_SIZE)
+    large = Segmenter.from_pretrained("default", device="cpu", mode="bridge", size=2 * BRIDGE_SIZE)
+    assert small.encode(img).bridge_visual is None
+    e = large.encode(img)
+    assert max(e.bridge_visual[-1].shape[-2:]) * 32 == BRIDGE_SIZE  # the head map of the 320-px canvas
+    assert Segmenter.from_pretrained("default", device="cpu", mode="fusion", size=640).encode(img).bridge_visual is None
+    ious = []
+    for seg in (small, large):
+        cat = seg.predict(img, ["cat", "dog", "car"]).labels == 1
+        ious.append((cat & gt).sum() / (cat | gt).sum())
+    assert ious[1] > 0.2 and abs(ious[1] - ious[0]) < 0.1, ious  # the same reading at twice the working size

@@ -51,6 +51,7 @@ class EncodedImage:
     padded: tuple[int, int]
     valid: tuple[int, int]
     orig: tuple[int, int]
+    bridge_visual: list | None = None  # the encoder's maps of the canvas at the bridge's size (see bridge_maps)
 
 
 @dataclass
@@ -285,8 +286,31 @@ class Segmenter:
         """Load, resize (longer side = working size), pad and run the frozen image encoder once."""
         p = image if isinstance(image, Prepared) else self.prepare(image)
         with self._autocast():
-            visual = self.model.encode_image(p.x.to(self.device))
-        return EncodedImage(visual, (p.x.shape[-2], p.x.shape[-1]), p.valid, p.orig)
+            x = p.x.to(self.device)
+            visual = self.model.encode_image(x)
+            small = self.bridge_maps(x)
+        return EncodedImage(visual, (p.x.shape[-2], p.x.shape[-1]), p.valid, p.orig, small)
+
+    def _uses_bridge(self, names: Sequence[str]) -> bool:
+        """Whether scoring ``names`` in this mode reads the bridge."""
+        if self.mode == "fusion":
+            return False
+        return self.mode == "bridge" or bool(getattr(self.model.head.cfg, "prior", False)) \
+            or not all(self.known_names(names))
+
+    def bridge_maps(self, x: torch.Tensor) -> list | None:
+        """Padded input canvas ``(B, 3, H, W)`` -> the encoder's maps of the same canvas scaled so its longer side
+        is :data:`~fusionseg.model.bridge.BRIDGE_SIZE` (sides rounded up to the encoder's multiple), for the
+        bridge; None when the bridge is not used or the working size is already that small."""
+        from .model.bridge import BRIDGE_SIZE
+        if self.mode == "fusion" or self.size <= BRIDGE_SIZE:
+            return None
+        H, W = x.shape[-2:]
+        f = BRIDGE_SIZE / max(H, W)
+        m = int(getattr(self.model.image_encoder, "size_multiple", 32))
+        size = (max(m, round_up(round(H * f), m)), max(m, round_up(round(W * f), m)))
+        small = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return self.model.encode_image(small)
 
     @torch.inference_mode()
     def logits_from(self, encoded: "EncodedImage", class_names: Sequence[str]) -> torch.Tensor:
@@ -295,17 +319,19 @@ class Segmenter:
         names = list(class_names)
         text = self.text_embeddings(names)
         with self._autocast():
-            low = self.low_logits(encoded.visual, names, text, [_frac(encoded.valid, encoded.padded)])
+            low = self.low_logits(encoded.visual, names, text, [_frac(encoded.valid, encoded.padded)],
+                                  encoded.bridge_visual)
         return upsample_crop(low, encoded.padded, encoded.valid)[0].float()
 
     def low_logits(self, visual, names: Sequence[str], text: torch.Tensor,
-                   valid: Sequence[tuple[float, float]] | None = None) -> torch.Tensor:
+                   valid: Sequence[tuple[float, float]] | None = None, bridge_visual=None) -> torch.Tensor:
         """Encoder maps + names -> logits ``(B, N, hl, wl)`` at the decoder's resolution, scored as :attr:`mode`
         says: ``fusion`` the trained model; ``bridge`` the classifier bridge; ``fusion+bridge`` the model for
         names near its training vocabulary and, for the others, the bridge sharpened by the model's own map of
         those names (:func:`~fusionseg.model.bridge.refine_with_model`); a model trained with the bridge as
         input instead takes every name, the unknown ones with its unknown-name token.
-        ``valid``: per batch item the (height, width) fractions of the maps that show the image (default all)."""
+        ``valid``: per batch item the (height, width) fractions of the maps that show the image (default all);
+        ``bridge_visual``: :meth:`bridge_maps` of the same canvas (the bridge reads those when given)."""
         cfg = self.model.head.cfg
         with_prior = bool(getattr(cfg, "prior", False))
         unknown = None
@@ -318,8 +344,9 @@ class Segmenter:
             unknown = torch.tensor([not k for k in self.known_names(names)], device=self.device)
         else:
             fused = [i for i, k in enumerate(self.known_names(names)) if k]
+        bv = bridge_visual if bridge_visual is not None else visual
         if len(fused) == len(names):
-            prior = self.bridge.logits(visual, text) if with_prior else None
+            prior = self.bridge.logits(bv, text, tuple(visual[-1].shape[-2:])) if with_prior else None
             return self.model.head(visual, text, prior=prior, unknown=unknown)
         # Known names are decoded together without the others (class tokens attend to each other), so a
         # name's fusion score does not depend on which unknown names were asked alongside it.
@@ -333,7 +360,7 @@ class Segmenter:
                 if tuple(lo.shape[-2:]) != (hl, wl) else lo.float()
         known = set(fused)
         bridged = [i for i in range(len(names)) if i not in known]
-        br = self.bridge.logits(visual, text[bridged], (hl, wl)).float()
+        br = self.bridge.logits(bv, text[bridged], (hl, wl)).float()
         if self.mode == "fusion+bridge":  # the unknown names decoded together, without the known ones
             lo = self.model.head(visual, text[bridged]).float()
             if tuple(lo.shape[-2:]) != (hl, wl):
@@ -406,7 +433,9 @@ class Segmenter:
             x = torch.cat([preps[i].x for i in idx]).to(self.device)
             with self._autocast():
                 visual = self.model.encode_image(x)
-                low = self.low_logits(visual, names, text, [_frac(preps[i].valid, shape) for i in idx])  # (B, N, Hp/os, Wp/os)
+                small = self.bridge_maps(x) if self._uses_bridge(names) else None
+                low = self.low_logits(visual, names, text, [_frac(preps[i].valid, shape) for i in idx],
+                                      small)  # (B, N, Hp/os, Wp/os)
             for b, i in enumerate(idx):
                 lg = upsample_crop(low[b:b + 1], shape, preps[i].valid)[0].float()
                 labels, scores = labels_from_logits(lg, preps[i].orig, thr, background)
@@ -446,7 +475,8 @@ class Segmenter:
                     m[0, :, y0 // s:y1 // s, x0 // s:x1 // s] = \
                         f[n, :, (y0 - ys[j]) // s:(y1 - ys[j]) // s, (x0 - xs[i]) // s:(x1 - xs[i]) // s]
         with self._autocast():
-            low = self.low_logits(maps, names, text, [_frac((h, w), (Hp, Wp))])
+            small = self.bridge_maps(x.to(self.device)) if self._uses_bridge(names) else None
+            low = self.low_logits(maps, names, text, [_frac((h, w), (Hp, Wp))], small)
         return low[0].float(), (w / os_, h / os_)
 
 

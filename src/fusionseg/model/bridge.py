@@ -24,6 +24,11 @@ from ..encoders.base import EncoderError
 #: held-out names the study reports (see docs/RESULTS.md).
 BRIDGE_CENTER = 0.40
 BRIDGE_WIDTH = 0.05
+#: Longer image side at which the bridge reads the classifier (its constants were chosen there). Above it the
+#: stride-32 cells see ever smaller parts of objects and the ImageNet head, trained on whole objects at 224 px,
+#: loses them (MSRC six names at 640 px: discrimination 0.70 instead of 0.84), so the Segmenter runs the
+#: encoder once more on the image at this size for the bridge.
+BRIDGE_SIZE = 320
 #: Weight of the trained model's within-image map in :func:`refine_with_model` (``fusion+bridge`` mode).
 #: Chosen on the four COCO-20i-style study folds (their held-out names and images): the largest of 1, 2, 3, 4
 #: that cost no fold more than 0.01 of the bridge's discrimination or AUC gap; MSRC's six names never took part.
