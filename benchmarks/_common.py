@@ -53,6 +53,14 @@ def in_range(v: int, what: str, lo: int, hi: int) -> int:
     return v
 
 
+def vit_side(v: int, what: str, lo: int, hi: int, patch: int = 16) -> int:
+    """An image side for a ViT benchmark: in [lo, hi] and a multiple of the patch, or exit 2 saying which."""
+    in_range(v, what, lo, hi)
+    if v % patch:
+        fail(f"{what} {v} must be a multiple of {patch} (the ViT patch)")
+    return v
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for both sides (default 2)")

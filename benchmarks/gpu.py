@@ -21,9 +21,7 @@ def main() -> None:
     ap.set_defaults(repeats=20)
     a = ap.parse_args()
     C.setup(a)
-    C.in_range(a.size, "--size", 64, 2048)
-    if a.size % 16:
-        C.fail(f"--size {a.size} must be a multiple of 16 (the ViT patch)")
+    C.vit_side(a.size, "--size", 64, 2048)
     C.in_range(a.classes, "--classes", 1, 1000)
     C.in_range(a.batch, "--batch", 1, 256)
     if not torch.cuda.is_available():

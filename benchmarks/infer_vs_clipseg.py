@@ -42,9 +42,7 @@ def main() -> None:
     a = ap.parse_args()
     C.setup(a)
     counts = C.int_list(a.classes, "--classes", 1, 200)
-    C.in_range(a.size, "--size", 64, 1024)
-    if a.size % 16:
-        C.fail(f"--size {a.size} must be a multiple of 16 (the ViT patch)")
+    C.vit_side(a.size, "--size", 64, 1024)
     C.in_range(a.clipseg_chunk, "--clipseg-chunk", 1, 200)
     C.in_range(a.prompt_tokens, "--prompt-tokens", 3, 77)
 
