@@ -355,16 +355,12 @@ class Segmenter:
         hl, wl = ref.shape[-2] * f, ref.shape[-1] * f
         out = torch.empty(ref.shape[0], len(names), hl, wl, device=ref.device)
         if fused:
-            lo = self.model.head(visual, text[fused])
-            out[:, fused] = F.interpolate(lo.float(), size=(hl, wl), mode="bilinear", align_corners=False) \
-                if tuple(lo.shape[-2:]) != (hl, wl) else lo.float()
+            out[:, fused] = _resized(self.model.head(visual, text[fused]).float(), (hl, wl))
         known = set(fused)
         bridged = [i for i in range(len(names)) if i not in known]
         br = self.bridge.logits(bv, text[bridged], (hl, wl)).float()
         if self.mode == "fusion+bridge":  # the unknown names decoded together, without the known ones
-            lo = self.model.head(visual, text[bridged]).float()
-            if tuple(lo.shape[-2:]) != (hl, wl):
-                lo = F.interpolate(lo, size=(hl, wl), mode="bilinear", align_corners=False)
+            lo = _resized(self.model.head(visual, text[bridged]).float(), (hl, wl))
             claimed = out[:, fused].sigmoid().amax(1) if fused else None  # known names have priority
             br = refine_with_model(br, lo, valid, claimed=claimed)
         out[:, bridged] = br
@@ -494,6 +490,11 @@ def _starts(total: int, tile: int, align: int) -> list[int]:
     n = -(-(total - tile) // step) + 1
     starts = sorted({min(total - tile, round(i * (total - tile) / (n - 1) / align) * align) for i in range(n)})
     return starts
+
+
+def _resized(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, N, h, w)`` bilinearly resampled to ``size`` (align_corners=False), or as it is when already that size."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def _frac(valid: tuple[int, int], padded: tuple[int, int]) -> tuple[float, float]:

@@ -152,8 +152,8 @@ def _load(ref: str, local: bool, name: str):
     if labels and any(str(a).endswith("ForImageClassification") for a in (getattr(cfg, "architectures", None) or [])):
         from transformers import AutoModelForImageClassification
         m = AutoModelForImageClassification.from_pretrained(ref, **kw)
-        if isinstance(getattr(m, "classifier", None), nn.Linear):
-            return m.base_model, kind, None, (m.classifier, labels)
+        head = getattr(m, "classifier", None)  # not a single linear layer: the base model alone, loaded once
+        return m.base_model, kind, None, ((head, labels) if isinstance(head, nn.Linear) else None)
     extra = {"add_pooling_layer": False} if mt in ("vit", "deit") else {}
     return AutoModel.from_pretrained(ref, **extra, **kw), kind, None, None
 
