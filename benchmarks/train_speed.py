@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fusionseg.data.datasets import FolderDataset  # noqa: E402
 from fusionseg.data.features import cache_features  # noqa: E402
-from fusionseg.engine.train import (TrainConfig, _global_masks, _Pool, _UncachedSteps, bce_terms,  # noqa: E402
+from fusionseg.engine.train import (TrainConfig, _mask_lut, _Pool, _UncachedSteps, bce_terms,  # noqa: E402
                                     choose_classes, gather_batch, make_step_plan, step_rng)
 from fusionseg.model.fusioner import FusionerConfig, FusionHead  # noqa: E402
 
@@ -119,7 +119,7 @@ def bench(setup: str, steps: int, threads: int, tmp: Path, paper_templates: str)
     for sc in cfg.scales:
         cf = cache_features(ds, image_encoder, sc, 2, tmp / "cache", progress=False)
         kn = torch.ones(len(ds), len(vocab), dtype=torch.bool)
-        pools.append(_Pool(cf.levels, _global_masks(cf.masks, lmap), kn, sc))
+        pools.append(_Pool(cf.level_rows, cf.mask_rows.with_lut(_mask_lut(lmap)), kn, sc))  # as training does
     cache_s = time.perf_counter() - t0
     text_all = text_encoder.encode(vocab, templates)
     head = FusionHead(mcfg)

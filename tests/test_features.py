@@ -37,6 +37,7 @@ def test_shards_index_and_subset_reuse(ds, tmp_path):
 def test_corrupt_shard_is_detected_and_recomputed(ds, tmp_path):
     enc = PoolEncoder().freeze()
     a = cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=3)
+    ref_levels, ref_masks = a.levels, a.masks  # copies: a's own tables map the files damaged in place below
     shard = sorted(a.path.glob("shard-*.safetensors"))[0]
     raw = bytearray(shard.read_bytes())
     raw[-5] ^= 0xFF  # one flipped byte inside the tensor data: still parses, checksum fails
@@ -44,13 +45,14 @@ def test_corrupt_shard_is_detected_and_recomputed(ds, tmp_path):
     with pytest.warns(UserWarning, match="checksum mismatch"):
         b = cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=3)
     assert not b.hit and b.computed == len(json.loads(shard.with_suffix(".json").read_text())["ids"])
-    for x, y in zip(a.levels, b.levels):
+    for x, y in zip(ref_levels, b.levels):
         assert torch.equal(x, y)  # recomputed, never the corrupted bytes
+    assert torch.equal(b.masks, ref_masks)  # the flipped byte lies in the masks (stored last)
     # truncated (a partial copy): detected the same way
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.warns(UserWarning, match="truncated or corrupted"):
         c = cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=3)
-    assert torch.equal(c.masks, a.masks)
+    assert torch.equal(c.masks, ref_masks)
     assert verify_store(a.path) == (3, [])
 
 
@@ -106,3 +108,83 @@ def test_disk_full_while_caching(ds, tmp_path, monkeypatch):
 def test_empty_dataset_is_an_error(ds, tmp_path):
     with pytest.raises(ValueError, match="no images"):
         cache_features(ds.subset([]), PoolEncoder().freeze(), 64, cache_dir=tmp_path / "c", progress=False)
+
+
+# ------------------------------------------------------------------------- memory-mapped shards, RowTable
+def test_row_table_reads_like_the_concatenated_tensor():
+    from fusionseg.data.features import RowTable
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 2, 4, 5, generator=g), torch.randn(2, 2, 4, 5, generator=g)
+    # rows in a shuffled order over two parts, as shards hold them
+    t = RowTable([a, b], [(1, 1), (0, 2), (0, 0), (1, 0), (0, 1)])
+    full = torch.stack([b[1], a[2], a[0], b[0], a[1]])
+    assert t.shape == full.shape and len(t) == 5 and t.dtype == a.dtype
+    assert torch.equal(t.materialize(), full)
+    assert torch.equal(t[3, 1, :, 2:4], full[3, 1, :, 2:4])
+    assert t[1].data_ptr() == a[2].data_ptr()  # one row is a view of its part, not a copy
+    assert torch.equal(t[[4, 0], 0], full[[4, 0], 0])
+    assert torch.equal(t[torch.tensor([2, 3]), 1], full[[2, 3], 1])
+    assert torch.equal(t[1:4], full[1:4])
+    both = RowTable.concat([t, RowTable.of(a)])
+    assert torch.equal(both.materialize(), torch.cat([full, a]))
+    masks = RowTable.of(torch.tensor([[0, 1, 2, 7]], dtype=torch.uint8))
+    lut = torch.full((256,), -1, dtype=torch.int16)
+    lut[0], lut[1], lut[2] = 0, 5, 9
+    m = masks.with_lut(lut)
+    assert m.dtype == torch.int16 and m[0].tolist() == [0, 5, 9, -1]
+    with pytest.raises(ValueError):
+        RowTable([], [])
+
+
+def test_pool_over_two_datasets_matches_the_concatenated_copy(ds, tmp_path):
+    """Training's pool reads mapped shards of two datasets through their own label tables: every crop equals
+    what the in-memory concatenation (what training held before) gives."""
+    from fusionseg.data.features import RowTable
+    from fusionseg.engine.train import Plan, _global_masks, _mask_lut, _Pool, gather_batch
+    enc = PoolEncoder().freeze()
+    ds2 = FolderDataset(make_shapes_dataset(tmp_path / "shapes2", n=4, size=64, seed=3))
+    a = cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=3)
+    b = cache_features(ds2, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=3)
+    maps = [[0, 1, 2], [2, -1, 3]]
+    known = torch.ones(11, 4, dtype=torch.bool)
+    mapped = _Pool([RowTable.concat([x, y]) for x, y in zip(a.level_rows, b.level_rows)],
+                   RowTable.concat([a.mask_rows.with_lut(_mask_lut(maps[0])), b.mask_rows.with_lut(_mask_lut(maps[1]))]),
+                   known, 64)
+    copied = _Pool([torch.cat([x, y]) for x, y in zip(a.levels, b.levels)],
+                   torch.cat([_global_masks(a.masks, maps[0]), _global_masks(b.masks, maps[1])]), known, 64)
+    plan = Plan(0, 1, [0, 10, 3, 7, 8], [0, 1, 1, 0, 1], [(0, 0), (1, 0), (0, 1), (1, 1), (0, 0)])
+    x, y = gather_batch(mapped, plan, range(5), 32), gather_batch(copied, plan, range(5), 32)
+    for u, v in zip(x[0], y[0]):
+        assert torch.equal(u, v)
+    assert x[1].dtype == torch.int16 and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2])
+    assert int(x[1].min()) >= -1 and bool((x[1] == -1).any()) == bool((y[1] == -1).any())
+
+
+def _rss_anon_mb() -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def test_shards_are_memory_mapped_not_read_into_the_process(tmp_path):
+    """A verified 96 MB shard is hashed and served from a file mapping: the process's own (anonymous) memory
+    does not grow by its size, so ranks on one machine share one copy in the page cache."""
+    if _rss_anon_mb() is None:
+        pytest.skip("needs /proc/self/status (Linux) to read the process's anonymous memory")
+    store = tmp_path / "store"
+    big = torch.arange(48 * 2**20, dtype=torch.int32).to(torch.float16).view(-1, 1024)  # 96 MB of fp16
+    masks = torch.ones(4, 2, 8, 8, dtype=torch.uint8)
+    features._write_shard(store, ["a", "b", "c", "d"], {"level0": big, "masks": masks}, 0.0)
+    expect_row = big[1234].clone()
+    del big
+    entry = json.loads(next(store.glob("shard-*.json")).read_text())
+    before = _rss_anon_mb()
+    t = features._load_verified(store, entry)
+    s = float(t["level0"].float().sum(dtype=torch.float64))  # touch every page
+    grown = _rss_anon_mb() - before
+    assert s > 0 and torch.equal(t["level0"][1234], expect_row) and torch.equal(t["masks"], masks)
+    assert grown < 48, f"loading grew anonymous memory by {grown:.0f} MB (read into the process, not mapped)"

@@ -16,12 +16,20 @@ Integrity: a shard is written to a temporary file, fsynced and renamed, and only
 written (same way). A shard without an entry (a kill mid-write) is ignored and recomputed; a shard whose bytes
 do not match the recorded sha256 (truncated, bit rot) is reported with a warning, deleted and recomputed.
 Loading never uses bytes that were not verified.
+
+Memory: shards are memory-mapped (private, read-only use), not read into the process. The features live in
+the operating system's page cache, shared by every process that reads the same store (the ranks of a
+``torchrun`` job on one machine) and evicted under memory pressure; :class:`RowTable` reads the rows of many
+shards as one table without concatenating them. A process's own (anonymous) memory therefore does not grow
+with the dataset. Shards are only ever replaced by a rename (a new file), never rewritten in place, so a mapped
+shard keeps the bytes that were verified.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -31,7 +39,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save as save_bytes
 from tqdm import tqdm
 
@@ -50,16 +57,91 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FUSIONSEG_CACHE", Path.home() / ".cache" / "fusionseg"))
 
 
+class RowTable:
+    """A tensor whose rows (first dimension) lie in several parts, e.g. memory-mapped shards, read as one.
+
+    ``t[i, ...]`` with an int ``i`` is that row of its part (a view, no copy); ``t[rows, ...]`` with a list,
+    range, slice or 1-D tensor stacks the selected rows. A part may carry a lookup table applied on read
+    (``lut[value]``; masks with dataset-local class ids -> global ids), so no re-indexed copy is ever stored.
+    """
+
+    def __init__(self, parts: Sequence[torch.Tensor], index: Sequence[tuple[int, int]],
+                 luts: Sequence[torch.Tensor | None] | None = None):
+        if not parts or not index:
+            raise ValueError("a RowTable needs at least one part and one row")
+        self.parts = list(parts)
+        self.index = list(index)  # row -> (part, row within the part)
+        self.luts = list(luts) if luts is not None else [None] * len(self.parts)
+        self.shape = torch.Size([len(self.index), *self.parts[0].shape[1:]])
+        lut = self.luts[0]
+        self.dtype = lut.dtype if lut is not None else self.parts[0].dtype
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "RowTable":
+        """One in-memory tensor as a table."""
+        return cls([t], [(0, r) for r in range(t.shape[0])])
+
+    @classmethod
+    def concat(cls, tables: Sequence["RowTable"]) -> "RowTable":
+        """The rows of ``tables`` one after another (their parts are shared, not copied)."""
+        parts, index, luts = [], [], []
+        for t in tables:
+            base = len(parts)
+            parts += t.parts
+            luts += t.luts
+            index += [(base + p, r) for p, r in t.index]
+        return cls(parts, index, luts)
+
+    def with_lut(self, lut: torch.Tensor) -> "RowTable":
+        """The same rows read through ``lut`` (``lut[value]``; replaces any table already set)."""
+        return RowTable(self.parts, self.index, [lut] * len(self.parts))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        if isinstance(first, torch.Tensor) and first.dim() == 0:
+            first = int(first)
+        if isinstance(first, int):
+            p, r = self.index[first]
+            out = self.parts[p][(r, *rest)]
+            lut = self.luts[p]
+            if lut is None:
+                return out
+            return lut.index_select(0, out.reshape(-1).int()).view(out.shape)  # 3x faster than lut[out.long()]
+        if isinstance(first, slice):
+            first = range(len(self))[first]
+        rows = first.tolist() if isinstance(first, torch.Tensor) else list(first)
+        return torch.stack([self[(int(i), *rest)] for i in rows])
+
+    def materialize(self) -> torch.Tensor:
+        """Every row as one in-memory tensor (for small sets, tests and scripts)."""
+        return self[range(len(self))]
+
+
 @dataclass
 class CachedFeatures:
-    """Features of one dataset: ``levels[i]`` is ``(N, V, C_i, h_i, w_i)`` fp16, ``masks`` ``(N, V, S, S)`` uint8."""
+    """Features of one dataset: ``level_rows[i]`` is a table ``(N, V, C_i, h_i, w_i)`` fp16 and ``mask_rows``
+    ``(N, V, S, S)`` uint8, both read from the memory-mapped shards (see :class:`RowTable`)."""
 
     ids: list[str]
-    levels: list[torch.Tensor]
-    masks: torch.Tensor
+    level_rows: list[RowTable]
+    mask_rows: RowTable
     path: Path          # the store folder
     hit: bool           # every id came from verified shards (nothing computed)
     computed: int = 0   # images computed in this call (by this process)
+
+    @property
+    def levels(self) -> list[torch.Tensor]:
+        """Every level as one in-memory tensor ``(N, V, C_i, h_i, w_i)`` (a copy: for small sets)."""
+        return [t.materialize() for t in self.level_rows]
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """The masks as one in-memory tensor ``(N, V, S, S)`` (a copy: for small sets)."""
+        return self.mask_rows.materialize()
 
 
 def _classes_key(ds) -> object:
@@ -131,26 +213,67 @@ def _scan(store: Path) -> dict[str, dict]:
     return out
 
 
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+           "BOOL": torch.bool}
+
+
+def _parse_safetensors(buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in the uint8 tensor ``buf``, as views into it (no copy where the
+    data is aligned for its dtype). Raises ValueError on anything malformed."""
+    if buf.numel() < 8:
+        raise ValueError("shorter than the 8-byte header length")
+    n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
+    if not 0 < n <= buf.numel() - 8:
+        raise ValueError(f"header length {n} does not fit in {buf.numel()} bytes")
+    header = json.loads(buf[8:8 + n].numpy().tobytes())
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"unsupported dtype {info['dtype']}")
+        start, end = (base + int(o) for o in info["data_offsets"])
+        shape = [int(d) for d in info["shape"]]
+        size = dtype.itemsize
+        if not base <= start <= end <= buf.numel() or end - start != size * math.prod(shape):
+            raise ValueError(f"tensor {name} lies outside the file or has the wrong size")
+        raw = buf[start:end]
+        if start % size:
+            raw = raw.clone()  # unaligned for this dtype: a copy (safetensors writers align, so rare)
+        out[name] = raw.view(dtype).view(shape)
+    return out
+
+
 def _load_verified(store: Path, entry: dict) -> dict[str, torch.Tensor] | None:
-    """The shard's tensors if its bytes match the recorded sha256, else None (after a warning; the bad shard
-    and its entry are removed so that it is recomputed)."""
+    """The shard's tensors, memory-mapped, if its bytes match the recorded sha256, else None (after a warning;
+    the bad shard and its entry are removed so that it is recomputed). The tensors are views of the very
+    mapping that was hashed."""
     f = store / entry["file"]
     problem = None
+    buf = None
     try:
-        data = f.read_bytes()
-    except OSError as e:
-        data, problem = None, f"unreadable ({e.strerror or e})"
-    if data is not None and hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        problem = f"checksum mismatch ({len(data)} bytes on disk; truncated or corrupted)"
+        size = f.stat().st_size
+        if size == 0:
+            problem = "empty (0 bytes on disk; truncated)"
+        else:
+            buf = torch.from_file(str(f), shared=False, size=size, dtype=torch.uint8)
+    except (OSError, RuntimeError) as e:
+        problem = f"unreadable ({getattr(e, 'strerror', None) or e})"
+    if buf is not None and hashlib.sha256(buf.numpy()).hexdigest() != entry.get("sha256"):
+        problem = f"checksum mismatch ({buf.numel()} bytes on disk; truncated or corrupted)"
     tensors = None
     if problem is None:
         try:
-            tensors = load_bytes(data)
-        except Exception as e:  # noqa: BLE001 - any parse error means the shard is unusable
+            tensors = _parse_safetensors(buf)
+        except (ValueError, KeyError, TypeError) as e:
             problem = f"not a readable safetensors file ({e})"
     if problem is not None:
         warnings.warn(f"feature cache: shard {f} is {problem}; recomputing its {len(entry.get('ids', []))} images",
                       stacklevel=3)
+        del buf
         for p in (f, f.with_suffix(".json")):
             try:
                 p.unlink(missing_ok=True)
@@ -269,8 +392,8 @@ def cache_features(ds, encoder: ImageEncoder, size: int = 320, views: int = 2,
     for p, i in enumerate(want):
         f, row = where[i]
         rows_by_shard.setdefault(f, []).append((p, row))
-    levels: list[torch.Tensor] | None = None
-    masks: torch.Tensor | None = None
+    parts: list[dict[str, torch.Tensor]] = []
+    index: list[tuple[int, int] | None] = [None] * len(want)
     hit = not missing
     for f, pairs in rows_by_shard.items():
         t = _load_verified(store, entries[f]) if f in entries else None
@@ -286,17 +409,14 @@ def cache_features(ds, encoder: ImageEncoder, size: int = 320, views: int = 2,
             computed += len(recompute_ids)
             rowmap = {i: r for r, i in enumerate(recompute_ids)}
             pairs = [(p, rowmap[want[p]]) for p, _ in pairs]
-        n_levels = len([k for k in t if k.startswith("level")])
-        if levels is None:
-            levels = [torch.empty(len(want), *t[f"level{k}"].shape[1:], dtype=torch.float16) for k in range(n_levels)]
-            masks = torch.empty(len(want), *t["masks"].shape[1:], dtype=torch.uint8)
-        dst = torch.tensor([p for p, _ in pairs])
-        src = torch.tensor([r for _, r in pairs])
-        for k in range(n_levels):
-            levels[k][dst] = t[f"level{k}"][src]
-        masks[dst] = t["masks"][src]
-    assert levels is not None and masks is not None
-    return CachedFeatures(want, levels, masks, store, hit, computed)
+        for p, row in pairs:
+            index[p] = (len(parts), row)
+        parts.append(t)
+    assert parts and all(i is not None for i in index)
+    n_levels = len([k for k in parts[0] if k.startswith("level")])
+    level_rows = [RowTable([t[f"level{k}"] for t in parts], index) for k in range(n_levels)]  # type: ignore[arg-type]
+    mask_rows = RowTable([t["masks"] for t in parts], index)  # type: ignore[arg-type]
+    return CachedFeatures(want, level_rows, mask_rows, store, hit, computed)
 
 
 def verify_store(store: str | Path) -> tuple[int, list[str]]:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data.datasets import IGNORE, DatasetError, FolderDataset, Sample, normalize_name, split_ids
-from ..data.features import DEFAULT_SHARD_SIZE, cache_features, cached_text_embeddings, write_atomic
+from ..data.features import DEFAULT_SHARD_SIZE, RowTable, cache_features, cached_text_embeddings, write_atomic
 from ..data.transforms import prepare_training_pair
 from ..encoders.base import EncoderError, build_image_encoder
 from ..encoders.templates import resolve_templates
@@ -298,9 +298,12 @@ def open_datasets(paths: Sequence[str], fold: int | None = None) -> list:
 
 # ------------------------------------------------------------------------------------------------ pieces
 class _Pool:
-    """All cached training features in memory with masks re-indexed to the global vocabulary (int16, -1 ignore)."""
+    """The cached training features of one scale, every dataset's rows one after another, with masks read as
+    global vocabulary ids (int16, -1 ignore). ``levels`` and ``masks`` are :class:`RowTable` over the
+    memory-mapped shards (or plain tensors): indexing ``[i, v, ...]`` reads one image's view, nothing is
+    concatenated in memory."""
 
-    def __init__(self, feats, masks_global: torch.Tensor, known: torch.Tensor, size: int):
+    def __init__(self, feats, masks_global, known: torch.Tensor, size: int):
         self.size = size               # images were resized (longer side) and padded to size x size
         self.levels = feats            # list of (N, V, C, h, w) fp16
         self.masks = masks_global      # (N, V, S, S) int16: -1 ignore, 0 none, g+1 = vocab[g]
@@ -331,12 +334,18 @@ def build_vocabulary(datasets: Sequence, exclude: Sequence[str] = ()) -> tuple[l
     return vocab, maps, sorted(excl - seen_excl)
 
 
-def _global_masks(local: torch.Tensor, lmap: list[int]) -> torch.Tensor:
+def _mask_lut(lmap: list[int]) -> torch.Tensor:
+    """Dataset-local mask value -> global id (int16): 0 stays 0, class k -> vocab index + 1, excluded and
+    unknown values -> -1 (ignore)."""
     lut = torch.full((256,), -1, dtype=torch.int16)
     lut[0] = 0
     for k, g in enumerate(lmap, start=1):
         lut[k] = g + 1 if g >= 0 else -1  # excluded classes become ignore
-    return lut[local.long()]
+    return lut
+
+
+def _global_masks(local: torch.Tensor, lmap: list[int]) -> torch.Tensor:
+    return _mask_lut(lmap)[local.long()]
 
 
 def default_scales(size: int, multiple: int = 32) -> list[int]:
@@ -505,8 +514,8 @@ def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tenso
         mine = torch.arange(dist.rank, len(ds), dist.world)
         for s in range(0, len(mine), batch_size):
             rows = mine[s:s + batch_size]
-            levels = [lv[rows, 0].to(device).float() for lv in cf.levels]
-            masks = cf.masks[rows, 0].to(device).long()
+            levels = [lv[rows, 0].to(device).float() for lv in cf.level_rows]
+            masks = cf.mask_rows[rows, 0].to(device).long()
             prior = bridge.logits(levels, text) if bridge is not None else None
             lg = head(levels, text, tuple(masks.shape[-2:]), prior=prior)
             best, idx = lg.max(1)
@@ -789,12 +798,13 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
                 cf = cache_features(ds, image_encoder, sc, 2, **cache_kw)
                 say(f"{ds.name} at {sc} px: {len(ds)} images, features "
                     f"{'from cache' if cf.hit else f'computed for {cf.computed} here'} ({cf.path})")
-                feats = [[lv] for lv in cf.levels] if feats is None else [f + [lv] for f, lv in zip(feats, cf.levels)]
-                gmasks.append(_global_masks(cf.masks, maps[d]))
+                feats = [[lv] for lv in cf.level_rows] if feats is None else \
+                    [f + [lv] for f, lv in zip(feats, cf.level_rows)]
+                gmasks.append(cf.mask_rows.with_lut(_mask_lut(maps[d])))
                 kn = torch.zeros(len(ds), len(vocab), dtype=torch.bool)
                 kn[:, [g for g in maps[d] if g >= 0]] = True
                 known.append(kn)
-            pools.append(_Pool([torch.cat(f) for f in feats], torch.cat(gmasks), torch.cat(known), sc))
+            pools.append(_Pool([RowTable.concat(f) for f in feats], RowTable.concat(gmasks), torch.cat(known), sc))
             del feats
     all_names = sorted({normalize_name(n) for ds in datasets for n in ds.class_names} | set(vocab))
 
