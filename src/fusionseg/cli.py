@@ -436,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    from .runtime import tune_malloc
+    tune_malloc()  # CPU speed: large buffers reused from the heap (see fusionseg.runtime)
     try:
         return a.func(a) or 0
     except (ValueError, OSError, KeyError) as e:

@@ -208,6 +208,9 @@ class Segmenter:
         self.model = model.eval()
         self.meta = meta
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            from .runtime import tune_malloc
+            tune_malloc()  # large activations reused from the heap, not page-faulted in on every call
         self.size = int(size or meta.get("image_size", 320))
         if self.size < 8:
             raise ValueError(f"working size must be at least 8 px, got {self.size}")
