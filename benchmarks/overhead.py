@@ -65,7 +65,8 @@ def main() -> None:
             if len(vocab) < a.classes:
                 C.fail(f"the default model knows {len(vocab)} names; ask for at most that many with --classes")
             names = list(vocab[:a.classes])
-        label = f"{m}, {which} names ({'fusion' if not seg._uses_bridge(names) else seg.mode})"
+        path = "fusion" if not seg._uses_bridge(names) else seg.mode
+        label = f"{m}, {which} names ({path})" if m == "default" else f"{m} ({path})"
         seg.text_embeddings(names)
         enc = seg.model.image_encoder
         prep = seg.prepare(img)

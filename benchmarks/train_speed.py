@@ -195,6 +195,8 @@ def main(argv=None) -> int:
                    help="templates for the paper setup's peer text pass (default: the recipe's 32; 'none' = 1)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    from fusionseg.runtime import tune_malloc
+    tune_malloc()  # as `fusionseg train` does; process-wide, so both sides get it
     print(f"torch {torch.__version__}, {a.threads} threads, {a.steps} timed steps per side (medians), A/B interleaved")
     with tempfile.TemporaryDirectory() as tmp:
         for setup in a.setups.split(","):
