@@ -131,7 +131,9 @@ def main() -> None:
     a = ap.parse_args()
     C.setup(a)
     C.in_range(a.images, "--images", 16, 100000)
-    C.vit_side(a.size, "--size", 64, 1024, patch=32)
+    C.in_range(a.size, "--size", 64, 1024)
+    if a.size % 32:
+        C.fail(f"--size {a.size} must be a multiple of 32 (the default encoder's grid)")
     C.in_range(a.ranks, "--ranks", 1, 16)
     C.in_range(a.steps, "--steps", 1, 10000)
     C.in_range(a.batch, "--batch", 1, 256)
