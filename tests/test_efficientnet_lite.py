@@ -187,3 +187,54 @@ def test_coco_animals_top5(lite0):
         top5 = lite0.classify_global(x).topk(5, dim=-1).indices.tolist()
     hits = np.mean([any(k in ids for k in t) for t, (_, ids) in zip(top5, items)])
     assert hits >= 0.8, hits
+
+
+def test_folded_batchnorm_matches_the_plain_network(lite0, monkeypatch):
+    """The frozen forward folds each BatchNorm into its convolution: the same maps within float rounding, and
+    the folded weights follow any change to the tensors they come from (state_dict and fingerprint unchanged)."""
+    import fusionseg.encoders.efficientnet_lite as E
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 96, 160, generator=g)
+    with torch.no_grad():
+        monkeypatch.setattr(E, "FOLD_BN", False)
+        plain = lite0(x)
+        monkeypatch.setattr(E, "FOLD_BN", True)
+        folded = lite0(x)
+    for p, f in zip(plain, folded):
+        assert p.shape == f.shape
+        assert float((p - f).abs().max()) <= 1e-4 * float(p.abs().max())  # measured about 5e-6
+        assert not torch.equal(p, f) or p.abs().max() == 0  # it really took the folded path
+    assert not any("folded" in k for k in lite0.state_dict())
+    assert lite0.spec.fingerprint == E.fingerprint_state(lite0)
+    # a changed statistic (as load_state_dict would write it) is folded in again on the next call
+    bn = lite0.net._blocks[3]._bn1
+    saved = bn.running_mean.clone()
+    try:
+        with torch.no_grad():
+            bn.running_mean.add_(0.5)
+            monkeypatch.setattr(E, "FOLD_BN", False)
+            plain2 = lite0(x)[0]
+            monkeypatch.setattr(E, "FOLD_BN", True)
+            folded2 = lite0(x)[0]
+        assert float((plain2 - plain[0]).abs().max()) > 1e-3
+        assert float((plain2 - folded2).abs().max()) <= 1e-4 * float(plain2.abs().max())
+    finally:
+        with torch.no_grad():
+            bn.running_mean.copy_(saved)
+
+
+def test_unfrozen_weights_take_the_plain_path(lite0):
+    """With gradients recorded for the weights, BatchNorm is not folded (no gradient would reach its weights)."""
+    from fusionseg.encoders.efficientnet_lite import conv_bn
+    conv, bn = lite0.net._conv_stem, lite0.net._bn0
+    x = torch.randn(1, 3, 32, 32)
+    conv.weight.requires_grad_(True)
+    try:
+        y = conv_bn(conv, bn, x)
+        y.sum().backward()
+        assert conv.weight.grad is not None
+        with torch.no_grad():
+            assert torch.equal(y, torch.nn.functional.relu6(bn(conv(x))))
+    finally:
+        conv.weight.requires_grad_(False)
+        conv.weight.grad = None
