@@ -265,6 +265,8 @@ def cmd_cache(a: argparse.Namespace) -> int:
                 if dist.main:
                     print(f"{ds.name} at {sz} px: {len(ds)} images {'already cached' if cf.hit else 'cached'} in "
                           f"{cf.path}" + ("" if cf.hit else f" ({cf.computed} computed by this process)"))
+        if dist.enabled:
+            dist.barrier()  # all ranks done before the process group is torn down
     finally:
         if dist.enabled:
             import torch

@@ -721,7 +721,10 @@ def train(cfg: TrainConfig) -> Path:
     tune_malloc()  # CPU speed: the encoder's and head's large buffers reused from the heap
     dist, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, dist, device)
+        final = _train(cfg, dist, device)
+        if dist.enabled:  # every rank done (rank 0 writes last) before the group is torn down: a rank that
+            dist.barrier()  # tore down while its peer still worked aborted once in gloo ("terminate called")
+        return final
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
