@@ -220,6 +220,13 @@ def test_bridge_reads_the_classifier_at_its_own_size(demo):
     e = large.encode(img)
     assert max(e.bridge_visual[-1].shape[-2:]) * 32 == BRIDGE_SIZE  # the head map of the 320-px canvas
     assert Segmenter.from_pretrained("default", device="cpu", mode="fusion", size=640).encode(img).bridge_visual is None
+    # auto mode: the extra pass waits until a name needs the bridge; names the model knows never pay for it
+    auto = Segmenter.from_pretrained("default", device="cpu", size=2 * BRIDGE_SIZE)
+    e = auto.encode(img)
+    auto.logits_from(e, ["cat", "dog"])
+    assert e._bridge_visual is None and e.bridge_fn is not None
+    auto.logits_from(e, ["cat", "wombat"])
+    assert e.bridge_fn is None and max(e._bridge_visual[-1].shape[-2:]) * 32 == BRIDGE_SIZE
     ious = []
     for seg in (small, large):
         cat = seg.predict(img, ["cat", "dog", "car"]).labels == 1

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,18 @@ class EncodedImage:
     padded: tuple[int, int]
     valid: tuple[int, int]
     orig: tuple[int, int]
-    bridge_visual: list | None = None  # the encoder's maps of the canvas at the bridge's size (see bridge_maps)
+    canvas: torch.Tensor | None = field(default=None, repr=False)  # the padded input, until the bridge needs it
+    bridge_fn: Callable | None = field(default=None, repr=False)   # canvas -> bridge maps (Segmenter.bridge_maps)
+    _bridge_visual: list | None = field(default=None, init=False, repr=False)
+
+    @property
+    def bridge_visual(self) -> list | None:
+        """The encoder's maps of the canvas at the bridge's size (see ``Segmenter.bridge_maps``), made on first
+        use, so an image whose names all take the fusion path never pays the extra encoder pass."""
+        if self.bridge_fn is not None:
+            self._bridge_visual = self.bridge_fn(self.canvas)
+            self.bridge_fn = self.canvas = None
+        return self._bridge_visual
 
 
 @dataclass
@@ -291,8 +302,12 @@ class Segmenter:
         with self._autocast():
             x = p.x.to(self.device)
             visual = self.model.encode_image(x)
-            small = self.bridge_maps(x)
-        return EncodedImage(visual, (p.x.shape[-2], p.x.shape[-1]), p.valid, p.orig, small)
+        return EncodedImage(visual, (p.x.shape[-2], p.x.shape[-1]), p.valid, p.orig, x, self._bridge_maps_later)
+
+    @torch.inference_mode()
+    def _bridge_maps_later(self, x: torch.Tensor) -> list | None:
+        with self._autocast():
+            return self.bridge_maps(x)
 
     def _uses_bridge(self, names: Sequence[str]) -> bool:
         """Whether scoring ``names`` in this mode reads the bridge."""
@@ -323,7 +338,7 @@ class Segmenter:
         text = self.text_embeddings(names)
         with self._autocast():
             low = self.low_logits(encoded.visual, names, text, [_frac(encoded.valid, encoded.padded)],
-                                  encoded.bridge_visual)
+                                  encoded.bridge_visual if self._uses_bridge(names) else None)
         return upsample_crop(low, encoded.padded, encoded.valid)[0].float()
 
     def low_logits(self, visual, names: Sequence[str], text: torch.Tensor,
