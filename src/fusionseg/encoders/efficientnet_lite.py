@@ -73,10 +73,12 @@ class SameConv2d(nn.Conv2d):
                          groups=groups, bias=False)
         self._dynamic = not sym
 
+    def pad(self, x: Tensor) -> Tensor:
+        """``x`` with the TF "same" padding this conv needs beyond its own (stride 2, even kernels)."""
+        return same_pad(x, self.kernel_size[0], self.stride[0]) if self._dynamic else x
+
     def forward(self, x: Tensor) -> Tensor:
-        if self._dynamic:
-            x = same_pad(x, self.kernel_size[0], self.stride[0])
-        return super().forward(x)
+        return super().forward(self.pad(x))
 
     def folded(self, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
         """(weight, bias) of this conv followed by the eval-mode ``bn``, as one convolution. Kept between calls
@@ -108,9 +110,7 @@ def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: Tensor, relu6: bool = True)
     grad = torch.is_grad_enabled()
     if FOLD_BN and not bn.training and not (grad and conv.weight.requires_grad):
         w, b = conv.folded(bn)
-        if conv._dynamic:
-            x = same_pad(x, conv.kernel_size[0], conv.stride[0])
-        y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        y = F.conv2d(conv.pad(x), w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
     else:
         y = bn(conv(x))
     if not relu6:
