@@ -283,6 +283,15 @@ def _load_verified(store: Path, entry: dict) -> dict[str, torch.Tensor] | None:
     return tensors
 
 
+def _locate(entries: dict[str, dict]) -> dict[str, tuple[str, int]]:
+    """Image id -> (shard file, row) over a store's index entries (the first shard listing an id wins)."""
+    where: dict[str, tuple[str, int]] = {}
+    for fname, e in entries.items():
+        for row, i in enumerate(e["ids"]):
+            where.setdefault(i, (fname, row))
+    return where
+
+
 def _shard_name(ids: Sequence[str]) -> str:
     return "shard-" + hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
 
@@ -347,10 +356,8 @@ def cache_features(ds, encoder: ImageEncoder, size: int = 320, views: int = 2,
         raise ValueError(f"{ds.name}: no images to cache")
     store = store_dir(ds, encoder, size, views, cache_dir)
     want = list(ds.ids)
-    where: dict[str, tuple[str, int]] = {}
-    for fname, e in _scan(store).items():
-        for row, i in enumerate(e["ids"]):
-            where.setdefault(i, (fname, row))
+    entries = _scan(store)
+    where = _locate(entries)
     missing = [p for p, i in enumerate(want) if i not in where]
     computed = 0
     if missing:
@@ -369,10 +376,8 @@ def cache_features(ds, encoder: ImageEncoder, size: int = 320, views: int = 2,
     if world_size > 1 and barrier is not None:
         barrier()
     if missing:
-        where = {}
-        for fname, e in _scan(store).items():
-            for row, i in enumerate(e["ids"]):
-                where.setdefault(i, (fname, row))
+        entries = _scan(store)
+        where = _locate(entries)
     rest = [p for p, i in enumerate(want) if i not in where]
     if rest:  # other ranks' shares when no one else built them (no barrier), or shards lost meanwhile
         encoder = encoder.to(device)
@@ -382,12 +387,9 @@ def cache_features(ds, encoder: ImageEncoder, size: int = 320, views: int = 2,
             _write_shard(store, [want[p] for p in c], _compute_shard(ds, c, encoder, size, views, batch_size, device,
                                                                       None), time.time() - t0)
             computed += len(c)
-        where = {}
-        for fname, e in _scan(store).items():
-            for row, i in enumerate(e["ids"]):
-                where.setdefault(i, (fname, row))
+        entries = _scan(store)
+        where = _locate(entries)
     # Read every needed shard once, verifying it; a bad shard is recomputed here (by whoever finds it).
-    entries = _scan(store)
     rows_by_shard: dict[str, list[tuple[int, int]]] = {}
     for p, i in enumerate(want):
         f, row = where[i]
