@@ -80,7 +80,7 @@ def _status() -> dict[str, float]:
 
 def worker(mode: str, root: str, n: int, size: int, steps: int, batch: int, barrier, queue) -> None:
     torch.set_num_threads(1)
-    from fusionseg.data.features import RowTable, cache_features
+    from fusionseg.data.features import cache_features
     from fusionseg.engine.train import _global_masks, _mask_lut, _Pool, gather_batch, plan_batch
     ds = _Stub(Path(root), n)
     lmap = list(range(20))
@@ -88,7 +88,7 @@ def worker(mode: str, root: str, n: int, size: int, steps: int, batch: int, barr
     assert cf.hit, "the benchmark store should hold every image"
     known = torch.ones(n, 20, dtype=torch.bool)
     if mode == "mapped":
-        pool = _Pool([RowTable.concat([t]) for t in cf.level_rows], cf.mask_rows.with_lut(_mask_lut(lmap)), known, size)
+        pool = _Pool(cf.level_rows, cf.mask_rows.with_lut(_mask_lut(lmap)), known, size)
     else:
         pool = _Pool([t.materialize() for t in cf.level_rows], _global_masks(cf.mask_rows.materialize(), lmap),
                      known, size)
