@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from fusionseg.encoders import base
@@ -221,6 +222,32 @@ def test_folded_batchnorm_matches_the_plain_network(lite0, monkeypatch):
     finally:
         with torch.no_grad():
             bn.running_mean.copy_(saved)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("size", [(16, 16), (15, 17), (9, 8), (2, 3)])
+def test_folded_stride2_pads_by_shifting_the_kernel_not_copying_the_input(kernel, size):
+    """TF "same" padding at stride 2 (one pixel more at the bottom/right on even sides) is done by leading zero
+    taps in the kernel and a symmetric conv padding: the same outputs as padding a copy of the input, with no
+    F.pad on the folded path."""
+    import fusionseg.encoders.efficientnet_lite as E
+    torch.manual_seed(0)
+    conv = E.SameConv2d(6, 6, kernel, stride=2, groups=6)
+    bn = E._bn(6).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+        x = torch.randn(2, 6, *size)
+        want = bn(F.conv2d(E.same_pad(x, kernel, 2), conv.weight, None, 2, 0, 1, 6))
+        calls = []
+        real_pad = F.pad
+        try:
+            E.F.pad = lambda *a, **k: calls.append(a[0].shape) or real_pad(*a, **k)
+            got = E.conv_bn(conv, bn, x, relu6=False)
+        finally:
+            E.F.pad = real_pad
+    assert got.shape == want.shape == (2, 6, -(-size[0] // 2), -(-size[1] // 2))
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert all(c[1] == 1 for c in calls)  # only the kernel was padded (once), never the input
 
 
 def test_unfrozen_weights_take_the_plain_path(lite0):

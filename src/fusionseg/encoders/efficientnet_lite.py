@@ -53,14 +53,18 @@ class BlockConfig:
         return self.stride == 1 and self.in_ch == self.out_ch
 
 
+def _same(n: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF "same" padding (before, after) of one side of ``n`` px: output ``ceil(n / stride)``, extra at the end."""
+    total = max((math.ceil(n / stride) - 1) * stride + kernel - n, 0)
+    return total // 2, total - total // 2
+
+
 def same_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
     """TF "same" padding for a ``kernel``/``stride`` conv: output ``ceil(H / stride)``, extra pixel at bottom/right."""
-    h, w = x.shape[-2:]
-    ph = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
-    pw = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
-    if ph == 0 and pw == 0:
+    (top, bottom), (left, right) = (_same(n, kernel, stride) for n in x.shape[-2:])
+    if not (top or bottom or left or right):
         return x
-    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    return F.pad(x, (left, right, top, bottom))
 
 
 class SameConv2d(nn.Conv2d):
@@ -80,18 +84,33 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(self.pad(x))
 
-    def folded(self, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-        """(weight, bias) of this conv followed by the eval-mode ``bn``, as one convolution. Kept between calls
-        and recomputed only when one of the tensors they come from changed (moved, cast or overwritten)."""
+    def folded(self, bn: nn.BatchNorm2d, size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        """(weight, bias, padding) of this conv followed by the eval-mode ``bn``, as one convolution over an input
+        of ``size`` (H, W) taken *unpadded*. Kept between calls and recomputed only when one of the tensors they
+        come from changed (moved, cast or overwritten).
+
+        TF "same" padding at stride 2 is one pixel larger at the bottom/right than at the top/left, which the
+        conv's own (symmetric) padding cannot express; instead of copying the input into a padded tensor
+        (``F.pad``: a third of a depthwise conv's time), the kernel gets that many leading zero taps and the
+        conv pads symmetrically by the larger amount. Every output sums the same products (the extra taps
+        read the padding's zeros), so the result is the same."""
         src = (self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in src)
         cached = self.__dict__.get("_folded")
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                cached = (key, self.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale)
+                cached = (key, self.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale, {})
             self.__dict__["_folded"] = cached  # not a buffer: never in state_dict, so fingerprints are unchanged
-        return cached[1], cached[2]
+        w, b, shifted = cached[1], cached[2], cached[3]
+        if not self._dynamic or size is None:
+            return w, b, self.padding
+        (before_h, after_h), (before_w, after_w) = (_same(n, k, st) for n, k, st in
+                                                    zip(size, self.kernel_size, self.stride))
+        lead = (after_h - before_h, after_w - before_w)
+        if lead not in shifted:
+            shifted[lead] = F.pad(w, (lead[1], 0, lead[0], 0)) if any(lead) else w
+        return shifted[lead], b, (after_h, after_w)
 
 
 def _bn(ch: int) -> nn.BatchNorm2d:
@@ -109,8 +128,8 @@ def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: Tensor, relu6: bool = True)
     the ReLU6 in place when no gradient is recorded."""
     grad = torch.is_grad_enabled()
     if FOLD_BN and not bn.training and not (grad and conv.weight.requires_grad):
-        w, b = conv.folded(bn)
-        y = F.conv2d(conv.pad(x), w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        w, b, pad = conv.folded(bn, tuple(x.shape[-2:]))
+        y = F.conv2d(x, w, b, conv.stride, pad, conv.dilation, conv.groups)
     else:
         y = bn(conv(x))
     if not relu6:
