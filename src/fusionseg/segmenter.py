@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .data.io import load_image_with_size
 from .data.transforms import pad_to, resize_image, round_up, to_tensor
+from .labelmap import argmax_classes, resample_argmax, source_coords
 from .model.bridge import refine_with_model
 from .model.checkpoint import load_model
 
@@ -548,27 +549,22 @@ def upsample_rows(lg: torch.Tensor, size: tuple[int, int], rows: int, region: tu
         yield y0, y1, F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
 
 
-def argmax_classes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x.max(0)`` for ``(N, ...)`` scores: (best value, index of the first class reaching it), in about half the
-    time: ``max`` with indices along the outer dimension is a slow, scalar reduction on the CPU, while ``amax``
-    and the comparisons below are vectorised. The index is read off ``(x == best) * (N - class)`` (uint8, so
-    N <= 255; else ``max``)."""
-    n = x.shape[0]
-    if n > 255 or x.device.type != "cpu":
-        return x.max(0)
-    best = x.amax(0)
-    hit = torch.eq(x, best).view(torch.uint8)
-    hit.mul_(torch.arange(n, 0, -1, dtype=torch.uint8).view((n,) + (1,) * (x.dim() - 1)))
-    return best, (n - hit.amax(0).long()).clamp_(max=n - 1)  # a NaN score matches nothing: the last class
-
-
 def labels_from_logits(lg: torch.Tensor, size: tuple[int, int], threshold: float, background: bool = False,
                        region: tuple[float, float] | None = None):
     """logits ``(N, h, w)`` -> (labels ``(H, W)`` uint16, scores ``(H, W)`` float32) at ``size`` = (W, H).
 
-    When ``size`` is the logits' own size the resampling is skipped (it would be the identity)."""
+    When ``size`` is the logits' own size the resampling is skipped (it would be the identity). When it is at
+    least twice as large on average, only the classes that can win at each pixel are resampled
+    (:mod:`fusionseg.labelmap`: the same labels and scores, several times faster for photos above the working
+    size), unless the maps are too noisy for that to pay."""
     W, H = size
     n = lg.shape[0]
+    hs, ws = lg.shape[-2:]
+    if H * W >= 4 * hs * ws:
+        rw, rh = region if region is not None else (ws, hs)
+        out = resample_argmax(lg, source_coords(H, rh / H, hs), source_coords(W, rw / W, ws), threshold, background)
+        if out is not None:
+            return out
     labels = np.empty((H, W), dtype=np.uint16)
     scores = np.empty((H, W), dtype=np.float32)
     rows = max(1, int(4_000_000 // max(1, W * n)))  # rows per band: bounded memory
