@@ -274,3 +274,17 @@ def test_gpu_benchmark_skips_without_cuda():
         pytest.skip("CUDA present: the GPU benchmark would run for real")
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "skipped" in r.stdout and "CUDA is not available" in r.stdout
+
+
+def test_foreground_above_the_working_size_matches_the_dense_mask():
+    """foreground() resamples its one name through labelmap for images much larger than the working size: the
+    same mask as the sigmoid of the densely resampled logits."""
+    seg = tiny_segmenter(size=64)
+    e = seg.encode(photo(300, 220, seed=5))
+    lg = seg.logits_from(e, [NAMES[1]])
+    (_, _, band), = list(upsample_rows(lg, e.orig, 10 ** 9))
+    want = band[0].sigmoid() >= seg.threshold
+    got = seg.foreground(e, NAMES[1])
+    assert got.shape == want.shape == (220, 300) and got.dtype == torch.bool
+    assert 0 < int(want.sum()) < want.numel()  # both classes of pixel occur
+    assert torch.equal(got, want)
