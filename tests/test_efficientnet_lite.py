@@ -250,6 +250,39 @@ def test_folded_stride2_pads_by_shifting_the_kernel_not_copying_the_input(kernel
     assert all(c[1] == 1 for c in calls)  # only the kernel was padded (once), never the input
 
 
+def test_fused_relu6_matches_the_unfused_path(lite0, monkeypatch):
+    """The folded conv and its ReLU6 as one oneDNN call give the same maps as conv then ReLU6; without the op
+    (or when it disagrees at the one-time check) the plain path runs."""
+    import fusionseg.encoders.efficientnet_lite as E
+    if E._fused_op() is None:
+        pytest.skip("this torch build has no working mkldnn._convolution_pointwise: the plain path runs")
+    x = torch.randn(1, 3, 96, 130, generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = E._fused_op
+    monkeypatch.setattr(E, "_fused_op", lambda: calls.append(1) or real())
+    with torch.no_grad():
+        fused = lite0(x)
+        assert len(calls) > 10  # the fused op really ran
+        monkeypatch.setattr(E, "FUSE_RELU6", False)
+        plain = lite0(x)
+        monkeypatch.setattr(E, "FUSE_RELU6", True)
+        monkeypatch.setitem(E._fused_state, "ok", False)  # as on a build without the op
+        missing = lite0(x)
+    for f, p, m in zip(fused, plain, missing):
+        assert float((f - p).abs().max()) <= 1e-5 * float(p.abs().max())
+        assert torch.equal(p, m)
+
+
+def test_input_needing_gradient_takes_the_unfused_path(lite0):
+    """The fused op has no backward: an input that records a gradient goes through conv2d + relu6."""
+    from fusionseg.encoders.efficientnet_lite import conv_bn
+    conv, bn = lite0.net._conv_stem, lite0.net._bn0
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    y = conv_bn(conv, bn, x)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_unfrozen_weights_take_the_plain_path(lite0):
     """With gradients recorded for the weights, BatchNorm is not folded (no gradient would reach its weights)."""
     from fusionseg.encoders.efficientnet_lite import conv_bn
