@@ -34,3 +34,16 @@ def test_segmenter_refuses_cuda_when_absent(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="CUDA is not available"):
         Segmenter.from_pretrained("default", device="cuda")
+
+
+@needs_cuda
+def test_label_map_resampling_on_cuda_matches_cpu():
+    """labelmap on CUDA tensors (Segmenter on a GPU) gives the CPU's labels."""
+    import torch.nn.functional as F
+    from fusionseg.segmenter import labels_from_logits
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 6):
+        lg = F.interpolate(torch.randn(1, n, 4, 5, generator=g), size=(16, 20), mode="bilinear")[0] * 4
+        a = labels_from_logits(lg, (200, 160), 0.5)
+        b = labels_from_logits(lg.cuda(), (200, 160), 0.5)
+        assert (a[0] == b[0]).mean() > 0.999 and np.abs(a[1] - b[1]).max() < 1e-4

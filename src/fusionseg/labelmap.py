@@ -121,7 +121,8 @@ def resample_argmax(src: Tensor, rows: tuple[Tensor, Tensor], cols: tuple[Tensor
     flat = s.view(n, npts)
     values = s.view(-1)
     corners = _corners(hs, ws, s.device)
-    idx, counts = _candidates(flat, corners, slots) if n > 1 else (torch.zeros(1, npts, dtype=torch.long), None)
+    idx, counts = (_candidates(flat, corners, slots) if n > 1
+                   else (torch.zeros(1, npts, dtype=torch.long, device=s.device), None))
     if counts is not None and float((counts > 1).float().mean()) > max_mixed:
         return None
 
@@ -150,7 +151,10 @@ def resample_argmax(src: Tensor, rows: tuple[Tensor, Tensor], cols: tuple[Tensor
         top = torch.lerp(m00[:, a:b].index_select(0, x0), m01[:, a:b].index_select(0, x0), wxc).t().contiguous()
         bot = torch.lerp(m10[:, a:b].index_select(0, x0), m11[:, a:b].index_select(0, x0), wxc).t().contiguous()
         best = torch.lerp(top.index_select(0, rel), bot.index_select(0, rel), rw[:, None])  # (R, W)
-        lab = expand(first).long() if first is not None else torch.zeros((r1 - r0, W), dtype=torch.long)
+        if first is not None:
+            lab = expand(first).long()
+        else:
+            lab = torch.zeros((r1 - r0, W), dtype=torch.long, device=s.device)
         if multi is not None:
             rr, cc = expand(multi).nonzero(as_tuple=True)
             if rr.numel():
