@@ -47,6 +47,20 @@ def int_list(spec: str, what: str, lo: int, hi: int) -> list[int]:
     return vals
 
 
+def sizes(spec: str, what: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """'4000x3000,1024x768' -> [(4000, 3000), (1024, 768)], each side in [lo, hi], or exit 2 naming the bad one."""
+    out = []
+    for part in spec.split(","):
+        try:
+            w, h = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            fail(f"{what} entries must look like 4000x3000, got {part!r}")
+        in_range(w, "width", lo, hi)
+        in_range(h, "height", lo, hi)
+        out.append((w, h))
+    return out
+
+
 def in_range(v: int, what: str, lo: int, hi: int) -> int:
     if not lo <= v <= hi:
         fail(f"{what} {v} is out of range: give a value from {lo} to {hi}")

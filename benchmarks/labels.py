@@ -24,19 +24,6 @@ import torch
 from PIL import Image
 
 
-def parse_sizes(spec: str) -> list[tuple[int, int]]:
-    out = []
-    for part in spec.split(","):
-        try:
-            w, h = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            C.fail(f"--sizes takes WxH entries separated by commas, got {part!r}")
-        C.in_range(w, "width", 16, 20000)
-        C.in_range(h, "height", 16, 20000)
-        out.append((w, h))
-    return out
-
-
 def dense(lg: torch.Tensor, size: tuple[int, int], threshold: float):
     from fusionseg.segmenter import upsample_rows
     W, H = size
@@ -58,7 +45,7 @@ def main() -> None:
     ap.set_defaults(repeats=3)
     a = ap.parse_args()
     C.setup(a)
-    sizes = parse_sizes(a.sizes)
+    sizes = C.sizes(a.sizes, "--sizes", 16, 20000)
     from fusionseg.segmenter import labels_from_logits
     seg = C.default_segmenter(320)
     vocab = seg.meta.get("training", {}).get("vocabulary") or []

@@ -51,15 +51,7 @@ def main() -> None:
     ap.set_defaults(repeats=1)
     a = ap.parse_args()
     C.setup(a)
-    sizes = []
-    for s in a.sizes.split(","):
-        try:
-            w, h = (int(v) for v in s.lower().split("x"))
-        except ValueError:
-            C.fail(f"--sizes entries must look like 4000x3000, got {s!r}")
-        C.in_range(w, "width", 64, 20000)
-        C.in_range(h, "height", 64, 20000)
-        sizes.append((w, h))
+    sizes = C.sizes(a.sizes, "--sizes", 64, 20000)
     C.in_range(a.agree_size, "--agree-size", 128, 4096)
     tiles = C.int_list(a.agree_tiles, "--agree-tiles", 64, 4096)
     C.in_range(a.agree_images, "--agree-images", 1, 500)

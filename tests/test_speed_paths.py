@@ -261,7 +261,7 @@ SLOW = pytest.mark.slow  # each case starts a Python with torch: one case runs b
     pytest.param("text_cache.py", ["--images", "0"], "out of range", marks=SLOW),
     pytest.param("throughput.py", ["--batch-size", "0"], "out of range", marks=SLOW),
     pytest.param("gpu.py", ["--batch", "0"], "out of range", marks=SLOW),
-    pytest.param("labels.py", ["--sizes", "4000"], "takes WxH", marks=SLOW),
+    pytest.param("labels.py", ["--sizes", "4000"], "must look like 4000x3000", marks=SLOW),
     pytest.param("labels.py", ["--sizes", "10x10"], "width 10 is out of range", marks=SLOW),
 ])
 def test_benchmark_bad_arguments_exit_2(script, args, msg):

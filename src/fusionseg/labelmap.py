@@ -54,6 +54,18 @@ def argmax_classes(x: Tensor) -> tuple[Tensor, Tensor]:
     return best, (n - hit.amax(0).long()).clamp_(max=n - 1)  # a NaN score matches nothing: the last class
 
 
+def write_band(labels: np.ndarray, scores: np.ndarray, y0: int, best: Tensor, idx: Tensor, threshold: float,
+               background: bool) -> None:
+    """Rows ``y0 ..`` of the label map (``idx + 1``, or 0 where the sigmoid of ``best`` is below ``threshold``
+    unless ``background``) and of the scores (that sigmoid), from a band's best logit and its class index."""
+    prob = best.sigmoid()
+    lab = idx + 1
+    if not background:
+        lab = torch.where(prob >= threshold, lab, torch.zeros_like(lab))
+    labels[y0:y0 + lab.shape[0]] = lab.cpu().numpy().astype(np.uint16)
+    scores[y0:y0 + lab.shape[0]] = prob.cpu().numpy()
+
+
 def _corners(hs: int, ws: int, device) -> Tensor:
     """``(4, hs * ws)``: flat source index of the corners (i, j), (i, j+1), (i+1, j), (i+1, j+1) of each cell
     (i, j), clamped at the last row and column (where the weight of the clamped corner is zero anyway)."""
@@ -177,10 +189,5 @@ def resample_argmax(src: Tensor, rows: tuple[Tensor, Tensor], cols: tuple[Tensor
                     vb, vk = argmax_classes(val)
                     best[rr[f], cc[f]] = vb
                     lab[rr[f], cc[f]] = vk
-        prob = best.sigmoid()
-        lab += 1
-        if not background:
-            lab = torch.where(prob >= threshold, lab, torch.zeros_like(lab))
-        labels[r0:r1] = lab.cpu().numpy().astype(np.uint16)
-        scores[r0:r1] = prob.cpu().numpy()
+        write_band(labels, scores, r0, best, lab, threshold, background)
     return labels, scores

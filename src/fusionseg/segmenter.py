@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .data.io import load_image_with_size
 from .data.transforms import pad_to, resize_image, round_up, to_tensor
-from .labelmap import argmax_classes, resample_argmax, source_coords
+from .labelmap import argmax_classes, resample_argmax, source_coords, write_band
 from .model.bridge import refine_with_model
 from .model.checkpoint import load_model
 
@@ -576,12 +576,6 @@ def labels_from_logits(lg: torch.Tensor, size: tuple[int, int], threshold: float
         bands = ((y0, min(H, y0 + rows), lg[:, y0:y0 + rows].float()) for y0 in range(0, H, rows))
     else:
         bands = upsample_rows(lg, size, rows, region)
-    for y0, y1, up in bands:
-        best, lab = argmax_classes(up)
-        prob = best.sigmoid()
-        lab += 1
-        if not background:
-            lab = torch.where(prob >= threshold, lab, torch.zeros_like(lab))
-        labels[y0:y1] = lab.cpu().numpy().astype(np.uint16)
-        scores[y0:y1] = prob.cpu().numpy()
+    for y0, _, up in bands:
+        write_band(labels, scores, y0, *argmax_classes(up), threshold, background)
     return labels, scores
