@@ -119,6 +119,21 @@ def test_bridge_mode_finds_the_cat_untrained(demo):
     assert share[0] > 0.5 and share[0] == max(share), share  # measured 0.55 / 0.29 / 0.16
 
 
+def test_vocabulary_names_are_known_without_embedding_the_vocabulary():
+    """Names that are themselves training names are known at once: the 98-name vocabulary (about 2 s of text
+    encoding) is embedded only when some name is not one of them, and the answer is the same either way."""
+    seg = Segmenter.from_pretrained("default", device="cpu")
+    assert seg.known_names(["cat", "toilet", "sink"]) == [True, True, True]
+    assert seg._vocab_emb is None and seg.text_cache.misses == 0
+    assert seg.known_names(["cat", "wombat"]) == [True, False]
+    assert seg._vocab_emb is not None
+    vocab = seg.meta["training"]["vocabulary"]
+    q = seg.text_embeddings(["cat", "toilet", "sink"]).float()
+    from fusionseg.segmenter import KNOWN_NAME_SIMILARITY
+    assert bool(((q @ seg._vocab_emb.T).max(1).values >= KNOWN_NAME_SIMILARITY).all())  # what the full check says
+    assert {"cat", "toilet", "sink"} <= set(vocab)
+
+
 def test_fusion_plus_bridge_routes_known_and_unknown_names(demo):
     img, _ = demo
     fusion = Segmenter.from_pretrained("default", device="cpu", mode="fusion")

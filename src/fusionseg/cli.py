@@ -53,6 +53,9 @@ def _check_writable(folder: Path) -> None:
 
 #: The overlay picture is drawn at most this many px on its longer side (the label PNG stays full size).
 OVERLAY_MAX_SIDE = 4096
+#: zlib level of the overlay PNG (a photo-like picture: level 6 took 3.5x as long for a ~25% smaller file;
+#: at 4000x3000 that was about 4 s per image). The label PNG keeps the default (it compresses well and fast).
+OVERLAY_PNG_LEVEL = 1
 
 
 class _SegmentInputs:
@@ -104,7 +107,7 @@ def _write_outputs(p: Path, out: Path, pred, ov_img, names: list[str], info_extr
     save_png_atomic(lab_img, out / f"{p.stem}.png")
     del lab_img
     if ov is not None:
-        save_png_atomic(ov, out / f"{p.stem}_overlay.png")
+        save_png_atomic(ov, out / f"{p.stem}_overlay.png", compress_level=OVERLAY_PNG_LEVEL)
     write_text_atomic(json.dumps(info, indent=1), out / f"{p.stem}.json")
     found = ", ".join(f"{n} {v['pixel_fraction']:.1%}" for n, v in info["per_class"].items() if v["pixel_fraction"] > 0)
     return (f"{p.name}: {found or 'none of the classes'} -> {out / (p.stem + '.png')}"

@@ -252,6 +252,9 @@ class Segmenter:
         vocab = self.meta.get("training", {}).get("vocabulary") or []
         if not vocab:
             return [True] * len(names)
+        members = set(vocab)
+        if all(n in members for n in names):  # each has cosine 1 with itself (embeddings are L2-normalised):
+            return [True] * len(names)  # no need to embed the whole vocabulary (~2 s for the default's 98 names)
         if self._vocab_emb is None:
             self._vocab_emb = self.text_embeddings(vocab).float()
         q = self.text_embeddings(list(names)).float()
