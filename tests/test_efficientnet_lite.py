@@ -273,6 +273,14 @@ def test_fused_relu6_matches_the_unfused_path(lite0, monkeypatch):
         assert torch.equal(p, m)
 
 
+def test_a_fused_op_that_disagrees_at_the_check_is_not_used(monkeypatch):
+    import fusionseg.encoders.efficientnet_lite as E
+    monkeypatch.setattr(E, "_fused_state", {})
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise",
+                        lambda x, w, b, *a: torch.zeros(1), raising=False)
+    assert E._fused_op() is None and E._fused_state == {"ok": False}
+
+
 def test_input_needing_gradient_takes_the_unfused_path(lite0):
     """The fused op has no backward: an input that records a gradient goes through conv2d + relu6."""
     from fusionseg.encoders.efficientnet_lite import conv_bn

@@ -139,13 +139,18 @@ def _fused_op():
         try:
             op = torch.ops.mkldnn._convolution_pointwise
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(1, 4, 9, 8, generator=g)
-            w, b = torch.randn(4, 1, 3, 3, generator=g), torch.randn(4, generator=g)
-            with torch.no_grad():
-                want = F.conv2d(x, w, b, 2, 1, 1, 4)
-                got = op(x, w, b, [1, 1], [2, 2], [1, 1], 4, "hardtanh", [0.0, 6.0], "")
-                plain = op(x, w, b, [1, 1], [2, 2], [1, 1], 4, "none", [], "")
-            ok = bool(torch.allclose(got, want.clamp(0, 6), atol=1e-5) and torch.allclose(plain, want, atol=1e-5))
+            ok = True
+            # the two kinds the network has: a depthwise kxk (here at stride 2) and a dense 1x1
+            for cin, cout, k, stride, groups in ((4, 4, 3, 2, 4), (8, 16, 1, 1, 1)):
+                x = torch.randn(1, cin, 9, 8, generator=g) * 3
+                w, b = torch.randn(cout, cin // groups, k, k, generator=g), torch.randn(cout, generator=g)
+                pad = [k // 2] * 2
+                with torch.no_grad():
+                    want = F.conv2d(x, w, b, stride, k // 2, 1, groups)
+                    got = op(x, w, b, pad, [stride] * 2, [1, 1], groups, "hardtanh", [0.0, 6.0], "")
+                    plain = op(x, w, b, pad, [stride] * 2, [1, 1], groups, "none", [], "")
+                ok = ok and bool(torch.allclose(got, want.clamp(0, 6), atol=1e-4)
+                                 and torch.allclose(plain, want, atol=1e-4))
         except (AttributeError, RuntimeError, TypeError):
             ok = False
         _fused_state["ok"] = ok
