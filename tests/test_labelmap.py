@@ -28,10 +28,7 @@ def dense(lg: torch.Tensor, size: tuple[int, int], threshold: float, background:
 
 
 def fast(lg, size, threshold, background=False, region=None, **kw):
-    W, H = size
-    hs, ws = lg.shape[-2:]
-    rw, rh = region if region is not None else (ws, hs)
-    return resample_argmax(lg, source_coords(H, rh / H, hs), source_coords(W, rw / W, ws), threshold, background, **kw)
+    return resample_argmax(lg, size, threshold, background, region, **kw)
 
 
 @pytest.mark.parametrize("n", [1, 3, 20])

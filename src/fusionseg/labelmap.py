@@ -9,8 +9,8 @@ corners of the source cell it falls in, with weights that are the same for every
 most class ``a`` at all four corners of a cell, ``c`` is at most ``a`` at every pixel of that cell, so ``c``
 never wins there. Per cell, the classes that no corner's winner dominates this way are the *candidates* (on
 real logit maps one to three of them in nearly every cell); the winner at every pixel of the cell is among
-them. Each pixel is resampled for ``SLOTS`` candidate slots only, and the few cells with more candidates
-are resampled for every class, pixel by pixel.
+them. Every pixel is resampled for its cell's first candidate, separably; the pixels of the cells with
+several candidates are then resampled for those (for every class beyond ``SLOTS``), pixel by pixel.
 
 Sampling convention (both of the plain paths it replaces): output index ``y`` reads the source at
 ``(y + 0.5) * scale - 0.5``, clamped to ``[0, n_src - 1]`` (``F.interpolate(..., align_corners=False)`` with
@@ -32,10 +32,10 @@ BAND_ELEMENTS = 4_000_000
 MAX_MIXED = 0.15
 
 
-def source_coords(n_out: int, scale: float, n_src: int, start: int = 0) -> tuple[Tensor, Tensor]:
-    """Output indices ``start .. start + n_out - 1`` -> (lower source index int64, weight of the next one float32)
-    under the align_corners=False, border-clamped convention (see the module text)."""
-    src = ((torch.arange(start, start + n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_(0, n_src - 1)
+def source_coords(n_out: int, scale: float, n_src: int) -> tuple[Tensor, Tensor]:
+    """Output indices ``0 .. n_out - 1`` -> (lower source index int64, weight of the next one float32) under the
+    align_corners=False, border-clamped convention (see the module text)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_(0, n_src - 1)
     lo = src.floor().long().clamp_(max=n_src - 1)
     return lo, (src - lo).float()
 
@@ -97,7 +97,7 @@ def _candidates(flat: Tensor, corners: Tensor, slots: int) -> tuple[Tensor, Tens
     cand = ~dominated
     rank = cand.cumsum(0) - 1
     count = rank[-1] + 1
-    k = int(min(slots, int(count.max())))
+    k = min(slots, int(count.max()))
     to = torch.where(cand & (rank < k), rank, torch.full_like(rank, k))
     sub = torch.zeros(k + 1, mixed.numel(), dtype=torch.long, device=flat.device)
     sub.scatter_(0, to, classes.expand_as(to).contiguous())
@@ -114,22 +114,24 @@ def _lerp4(v00: Tensor, v01: Tensor, v10: Tensor, v11: Tensor, wy: Tensor, wx: T
     return torch.lerp(torch.lerp(v00, v10, wy), torch.lerp(v01, v11, wy), wx)
 
 
-def resample_argmax(src: Tensor, rows: tuple[Tensor, Tensor], cols: tuple[Tensor, Tensor],
-                    threshold: float, background: bool = False, slots: int = SLOTS,
+def resample_argmax(src: Tensor, size: tuple[int, int], threshold: float, background: bool = False,
+                    region: tuple[float, float] | None = None, slots: int = SLOTS,
                     max_mixed: float = MAX_MIXED) -> tuple[np.ndarray, np.ndarray] | None:
-    """logits ``(N, hs, ws)`` resampled at ``rows`` = (lower index, weight) per output row and ``cols`` likewise
-    -> (labels ``(H, W)`` uint16: arg-max + 1, or 0 where its sigmoid score is below ``threshold`` unless
-    ``background``; scores ``(H, W)`` float32: the best class's sigmoid), or None when more than ``max_mixed``
-    of the cells have several candidates (noisy maps: resample densely instead).
+    """logits ``(N, hs, ws)`` resampled to ``size`` = (W, H) -> (labels ``(H, W)`` uint16: arg-max + 1, or 0 where
+    its sigmoid score is below ``threshold`` unless ``background``; scores ``(H, W)`` float32: the best class's
+    sigmoid), or None when more than ``max_mixed`` of the cells have several candidates (noisy maps: resample
+    densely instead). ``region`` = (w, h) in source pixels that the output covers (default: all of ``src``;
+    smaller when it also holds padding), as :func:`fusionseg.segmenter.upsample_rows` takes it.
 
     Every pixel is first resampled for its cell's first candidate only, separably; the pixels of cells with
     more candidates are then resampled for those (or, beyond ``slots``, for every class) one by one."""
     s = src.float().contiguous()
     n, hs, ws = s.shape
     npts = hs * ws
-    y0, wy = (t.to(s.device) for t in rows)
-    x0, wx = (t.to(s.device) for t in cols)
-    H, W = y0.numel(), x0.numel()
+    W, H = size
+    rw, rh = region if region is not None else (ws, hs)
+    y0, wy = (t.to(s.device) for t in source_coords(H, rh / H, hs))
+    x0, wx = (t.to(s.device) for t in source_coords(W, rw / W, ws))
     flat = s.view(n, npts)
     values = s.view(-1)
     corners = _corners(hs, ws, s.device)
@@ -157,37 +159,34 @@ def resample_argmax(src: Tensor, rows: tuple[Tensor, Tensor], cols: tuple[Tensor
         a, b = int(ry[0]), int(ry[-1]) + 1  # source rows this band reads (rows are monotonic)
         rel = ry - a
 
-        def expand(v: Tensor) -> Tensor:  # (ws, hs) per cell -> (R, W) per output pixel of the band
-            return v[:, a:b].index_select(0, x0).t().contiguous().index_select(0, rel)
+        def cols(v: Tensor) -> Tensor:  # (ws, hs) per cell -> (W, b - a): the band's source rows, output columns
+            return v[:, a:b].index_select(0, x0)
 
-        top = torch.lerp(m00[:, a:b].index_select(0, x0), m01[:, a:b].index_select(0, x0), wxc).t().contiguous()
-        bot = torch.lerp(m10[:, a:b].index_select(0, x0), m11[:, a:b].index_select(0, x0), wxc).t().contiguous()
-        best = torch.lerp(top.index_select(0, rel), bot.index_select(0, rel), rw[:, None])  # (R, W)
+        def rows(v: Tensor) -> Tensor:  # (W, b - a) -> (R, W) per output pixel of the band
+            return v.t().contiguous().index_select(0, rel)
+
+        best = torch.lerp(rows(torch.lerp(cols(m00), cols(m01), wxc)), rows(torch.lerp(cols(m10), cols(m11), wxc)),
+                          rw[:, None])  # (R, W)
         if first is not None:
-            lab = expand(first).long()
+            lab = rows(cols(first)).long()
         else:
             lab = torch.zeros((r1 - r0, W), dtype=torch.long, device=s.device)
         if multi is not None:
-            rr, cc = expand(multi).nonzero(as_tuple=True)
+            rr, cc = rows(cols(multi)).nonzero(as_tuple=True)
             if rr.numel():
                 cell = ry[rr] * ws + x0[cc]
-                cnt = counts[cell]
                 at = corners[:, cell]  # (4, m)
-                wr, wc = rw[rr], wx[cc]
-                few = cnt <= slots
-                if bool(few.any()):  # the cell's candidates
-                    f = few.nonzero().squeeze(1)
-                    cls = idx[:, cell[f]]  # (k, m)
-                    base = cls * npts
-                    val = _lerp4(*(values[base + at[q, f]] for q in range(4)), wr[f], wc[f])
+                few = counts[cell] <= slots
+                every = torch.arange(n, device=s.device)[:, None]
+                # the cell's candidates, or every class where it has more than the slots hold
+                for f, table in ((few, idx[:, cell]), (~few, None)):
+                    f = f.nonzero().squeeze(1)
+                    if f.numel() == 0:
+                        continue
+                    cls = table[:, f] if table is not None else every.expand(-1, f.numel())  # (k, m)
+                    val = _lerp4(*(values[cls * npts + at[q, f]] for q in range(4)), rw[rr[f]], wx[cc[f]])
                     vb, vs = argmax_classes(val)
                     best[rr[f], cc[f]] = vb
                     lab[rr[f], cc[f]] = cls.gather(0, vs[None])[0]
-                if not bool(few.all()):  # too many candidates: every class
-                    f = (~few).nonzero().squeeze(1)
-                    val = _lerp4(*(flat[:, at[q, f]] for q in range(4)), wr[f], wc[f])
-                    vb, vk = argmax_classes(val)
-                    best[rr[f], cc[f]] = vb
-                    lab[rr[f], cc[f]] = vk
         write_band(labels, scores, r0, best, lab, threshold, background)
     return labels, scores

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .data.io import load_image_with_size
 from .data.transforms import pad_to, resize_image, round_up, to_tensor
-from .labelmap import argmax_classes, resample_argmax, source_coords, write_band
+from .labelmap import argmax_classes, resample_argmax, write_band
 from .model.bridge import refine_with_model
 from .model.checkpoint import load_model
 
@@ -389,18 +389,11 @@ class Segmenter:
         return out
 
     def foreground(self, encoded: "EncodedImage", name: str, threshold: float | None = None) -> torch.Tensor:
-        """One name alone -> ``(H, W)`` bool mask at the original size (sigmoid >= threshold), in row bands."""
+        """One name alone -> ``(H, W)`` bool mask at the original size (sigmoid >= threshold): its label map, where
+        a pixel is labelled 1 exactly when the name's score passes the threshold."""
         thr = self.threshold if threshold is None else threshold
-        W, H = encoded.orig
-        lg = self.logits_from(encoded, [name])
-        hs, ws = lg.shape[-2:]
-        if H * W >= 4 * hs * ws:  # one class: labels are 1 exactly where its sigmoid passes the threshold
-            lab, _ = resample_argmax(lg, source_coords(H, hs / H, hs), source_coords(W, ws / W, ws), thr)
-            return torch.from_numpy(lab == 1)
-        fg = torch.empty(H, W, dtype=torch.bool)
-        for y0, y1, band in upsample_rows(lg, (W, H), max(1, 4_000_000 // max(1, W))):
-            fg[y0:y1] = band[0].sigmoid().cpu() >= thr
-        return fg
+        labels, _ = labels_from_logits(self.logits_from(encoded, [name]), encoded.orig, thr)
+        return torch.from_numpy(labels == 1)
 
     def logits(self, image, class_names: Sequence[str]) -> tuple[torch.Tensor, tuple[int, int]]:
         """-> (logits ``(N, h, w)`` at the working size, original (W, H))."""
@@ -568,14 +561,13 @@ def labels_from_logits(lg: torch.Tensor, size: tuple[int, int], threshold: float
     n = lg.shape[0]
     hs, ws = lg.shape[-2:]
     if H * W >= 4 * hs * ws:
-        rw, rh = region if region is not None else (ws, hs)
-        out = resample_argmax(lg, source_coords(H, rh / H, hs), source_coords(W, rw / W, ws), threshold, background)
+        out = resample_argmax(lg, size, threshold, background, region)
         if out is not None:
             return out
     labels = np.empty((H, W), dtype=np.uint16)
     scores = np.empty((H, W), dtype=np.float32)
     rows = max(1, int(4_000_000 // max(1, W * n)))  # rows per band: bounded memory
-    if region is None and tuple(lg.shape[-2:]) == (H, W):
+    if region is None and (hs, ws) == (H, W):
         bands = ((y0, min(H, y0 + rows), lg[:, y0:y0 + rows].float()) for y0 in range(0, H, rows))
     else:
         bands = upsample_rows(lg, size, rows, region)
