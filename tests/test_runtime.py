@@ -44,9 +44,11 @@ def test_large_buffers_are_reused_instead_of_faulted_in_again():
     on, faults = _probe()
     off_on, off_faults = _probe(FUSIONSEG_MALLOC="0")
     assert on and not off_on
-    # five small conv forwards: about 100,000 pages faulted in anew without the tuning, none with it
+    # five small conv forwards: about 140,000 pages faulted in anew without the tuning; with it, none on most
+    # runs, and a few 4,096-page (16 MB) steps on some (seen: 4,096 here, 16,382 on CI). A quarter is far from
+    # both, and still fails when the tuning does nothing (the two counts are then alike).
     assert off_faults > 20_000, off_faults
-    assert faults < off_faults / 10, (faults, off_faults)
+    assert faults < off_faults / 4, (faults, off_faults)
 
 
 def test_user_allocator_settings_win():
