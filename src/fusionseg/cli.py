@@ -443,6 +443,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     from .runtime import tune_malloc
     tune_malloc()  # CPU speed: large buffers reused from the heap (see fusionseg.runtime)
+    import warnings
+    shown = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):  # not a source-line dump
+        print(f"fusionseg {a.command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line
     try:
         return a.func(a) or 0
     except (ValueError, OSError, KeyError) as e:
@@ -454,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -254,9 +254,12 @@ class Segmenter:
             return [True] * len(names)
         members = set(vocab)
         if all(n in members for n in names):  # each has cosine 1 with itself (embeddings are L2-normalised):
-            return [True] * len(names)  # no need to embed the whole vocabulary (~2 s for the default's 98 names)
-        if self._vocab_emb is None:
-            self._vocab_emb = self.text_embeddings(vocab).float()
+            return [True] * len(names)  # no need to embed the whole vocabulary at all
+        if self._vocab_emb is None:  # kept on disk (FUSIONSEG_CACHE): embedding it takes ~2 s per process
+            from .data.features import cached_text_embeddings
+            emb, _ = cached_text_embeddings(list(vocab), self.model.templates, encoder=self.model.text_encoder,
+                                            must_persist=False)
+            self._vocab_emb = emb.to(self.device).float()
         q = self.text_embeddings(list(names)).float()
         return ((q @ self._vocab_emb.T).max(1).values >= KNOWN_NAME_SIMILARITY).tolist()
 

@@ -444,43 +444,67 @@ def _text_file(root: Path, name: str, fingerprint: str, templates) -> Path:
     return root / "text" / f"{name.replace('/', '_').replace(':', '_')}-{fingerprint}-{t}.safetensors"
 
 
+def _read_text_store(f: Path) -> dict[str, torch.Tensor]:
+    """A text-embedding file's tensors; {} when it is absent or unreadable (then recomputed and rewritten)."""
+    if not f.is_file():
+        return {}
+    try:
+        return load_file(str(f))
+    except Exception:  # noqa: BLE001 - a damaged file is only a cache miss
+        warnings.warn(f"text cache: {f} is unreadable; its embeddings are recomputed", stacklevel=3)
+        return {}
+
+
+_unwritable_warned: set[str] = set()
+
+
 def cached_text_embeddings(names: list[str], templates, cache_dir: str | Path | None = None,
-                           encoder=None, encoder_name: str | None = None) -> tuple[torch.Tensor, "object"]:
+                           encoder=None, encoder_name: str | None = None,
+                           must_persist: bool = True) -> tuple[torch.Tensor, "object"]:
     """Embeddings ``(N, dim)`` of ``names`` from the on-disk text cache, computing only the missing ones.
 
     Give a built ``encoder``, or just ``encoder_name``: if the cache already holds every name for the spec last
     recorded under that name, the text model is not even loaded. Returns (embeddings, EncoderSpec).
+    ``must_persist=False`` (inference): a cache folder that cannot be written is warned about once and the
+    embeddings are used anyway; otherwise (training) it raises :class:`CacheError`.
     """
     from ..encoders.base import EncoderSpec, build_text_encoder
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     index_path = root / "text" / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    try:
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    except (OSError, ValueError):
+        index = {}  # rewritten below
     name = encoder.spec.name if encoder is not None else encoder_name
     spec = encoder.spec if encoder is not None else (EncoderSpec(**index[name]) if name in index else None)
     store: dict[str, torch.Tensor] = {}
     if spec is not None:
         f = _text_file(root, spec.name, spec.fingerprint, templates)
-        if f.is_file():
-            store = load_file(str(f))
+        store = _read_text_store(f)
     missing = [n for n in names if n not in store]
     if missing:
         if encoder is None:
             encoder = build_text_encoder(name)
             spec = encoder.spec
             f = _text_file(root, spec.name, spec.fingerprint, templates)
-            store = load_file(str(f)) if f.is_file() else {}
+            store = _read_text_store(f)
             missing = [n for n in names if n not in store]
         if missing:
             emb = encoder.encode(missing, templates).float().cpu()
             store.update({n: e.contiguous() for n, e in zip(missing, emb)})
-            f.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                write_atomic(f, save_bytes(store))
-            except OSError as e:
-                raise _disk_error(e, f) from None
         index[spec.name] = spec.to_dict()
+        target = f
         try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            if missing:
+                write_atomic(f, save_bytes(store))
+            target = index_path
             write_atomic(index_path, json.dumps(index, indent=1).encode())
         except OSError as e:
-            raise _disk_error(e, index_path) from None
+            if must_persist:
+                raise _disk_error(e, target) from None
+            if str(root) not in _unwritable_warned:
+                _unwritable_warned.add(str(root))
+                warnings.warn(f"text embeddings are not kept on disk: {root} is not writable "
+                              f"({e.strerror or e}); set FUSIONSEG_CACHE to a writable folder", stacklevel=2)
     return torch.stack([store[n] for n in names]), spec

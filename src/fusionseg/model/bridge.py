@@ -68,7 +68,7 @@ class ClassifierBridge:
             from .imagenet_groups import imagenet_groups
             synonyms = [list(s) + [g for g in gr if g not in s] for s, gr in zip(synonyms, imagenet_groups())]
         words = sorted({w for syn in synonyms for w in syn})
-        emb, _ = cached_text_embeddings(words, label_templates, cache_dir, encoder=text_encoder)
+        emb, _ = cached_text_embeddings(words, label_templates, cache_dir, encoder=text_encoder, must_persist=False)
         row = {w: i for i, w in enumerate(words)}
         labels = torch.stack([F.normalize(emb[[row[w] for w in syn]].mean(0), dim=0) for syn in synonyms])
         self.label_embeddings = labels  # (K, D)
