@@ -263,6 +263,8 @@ SLOW = pytest.mark.slow  # each case starts a Python with torch: one case runs b
     pytest.param("gpu.py", ["--batch", "0"], "out of range", marks=SLOW),
     pytest.param("labels.py", ["--sizes", "4000"], "must look like 4000x3000", marks=SLOW),
     pytest.param("labels.py", ["--sizes", "10x10"], "width 10 is out of range", marks=SLOW),
+    pytest.param("cold_start.py", ["--classes", " , "], "number of --classes 0 is out of range", marks=SLOW),
+    pytest.param("cold_start.py", ["--image", "nope.jpg"], "is not a file", marks=SLOW),
 ])
 def test_benchmark_bad_arguments_exit_2(script, args, msg):
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
