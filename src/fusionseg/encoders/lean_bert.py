@@ -132,17 +132,17 @@ class _Attention(nn.Module):
         self.output = _DenseNorm(c.hidden_size, c)
 
 
-class _Intermediate(nn.Module):
-    def __init__(self, c: BertConfig):
+class _Dense(nn.Module):  # BertIntermediate (activation applied by the layer) and BertPooler: one "dense"
+    def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.dense = _Linear(c.hidden_size, c.intermediate_size)
+        self.dense = _Linear(c_in, c_out)
 
 
 class _Layer(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
         self.attention = _Attention(c)
-        self.intermediate = _Intermediate(c)
+        self.intermediate = _Dense(c.hidden_size, c.intermediate_size)
         self.output = _DenseNorm(c.intermediate_size, c)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -156,12 +156,6 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(_Layer(c) for _ in range(c.num_hidden_layers))
 
 
-class _Pooler(nn.Module):  # unused by sentence pooling, kept so the weights (and fingerprint) are complete
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.dense = _Linear(c.hidden_size, c.hidden_size)
-
-
 class LeanBert(nn.Module):
     """BERT encoder forward: ``(input_ids, attention_mask, token_type_ids)`` -> :class:`BertOutput`."""
 
@@ -170,7 +164,8 @@ class LeanBert(nn.Module):
         self.config = config
         self.embeddings = _Embeddings(config)
         self.encoder = _Encoder(config)
-        self.pooler = _Pooler(config)
+        self.pooler = _Dense(config.hidden_size, config.hidden_size)  # unused by sentence pooling; kept so the
+        # weights, and so the fingerprint, are complete
 
     @classmethod
     def from_folder(cls, folder: Path) -> "LeanBert":
