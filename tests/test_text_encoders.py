@@ -86,7 +86,8 @@ def test_minilm_ensemble_is_mean_of_normalised_then_normalised(minilm):
     t = ["a photo of a {}.", "there is a {} in the scene."]
     names = ["cat", "fire hydrant"]
     got = minilm.encode(names, t)
-    # Independent computation straight from transformers: masked mean over tokens, per sentence.
+    # Independent of the ensemble code: the bare model and tokenizer, mean over tokens, one sentence at a time
+    # (that the lean model and tokenizer equal transformers' is checked in test_lean_bert.py).
     tok, model = minilm.tokenizer, minilm.model
     want = []
     for n in names:
