@@ -188,3 +188,24 @@ def test_train_cache_and_info_commands(tmp_path, capsys):
     assert code == 2 and "not found" in err
     code, _, err = run(["train", "--data", ds, "--out", tmp_path / "r3", "--steps", "0"], capsys)
     assert code == 2 and "--steps" in err
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """``--help`` and a bad choice answer from argparse alone; the choices offered are the ones the code takes."""
+    code = ("import sys\nfrom fusionseg.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+            "print('torch' in sys.modules)")
+    for args, code_want, text in ((["--help"], 0, "segment"), (["segment", "--help"], 0, "--classes"),
+                                  (["train", "--preset", "huge"], 2, "invalid choice: 'huge'")):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert r.stdout.strip().splitlines()[-2:] == [f"exit {code_want}", "False"], r.stdout  # torch never imported
+        assert text in r.stdout + r.stderr
+    from fusionseg import choices
+    from fusionseg.engine import evaluate, train
+    from fusionseg.model.fusioner import DEFAULT_PRESET, PRESETS
+    from fusionseg.segmenter import MODES
+    assert tuple(sorted(PRESETS)) == choices.PRESET_NAMES and DEFAULT_PRESET in PRESETS
+    assert MODES is choices.MODES and evaluate.PROTOCOLS is choices.PROTOCOLS
+    fields = train.TrainConfig.__dataclass_fields__
+    assert fields["image_encoder"].default == choices.DEFAULT_IMAGE_ENCODER
+    assert fields["text_encoder"].default == choices.DEFAULT_TEXT_ENCODER

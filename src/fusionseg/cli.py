@@ -319,10 +319,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engine.train import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
-    from .engine.evaluate import PROTOCOLS
-    from .model.fusioner import DEFAULT_PRESET, PRESETS
-    from .segmenter import MODES
+    from .choices import DEFAULT_IMAGE_ENCODER, DEFAULT_PRESET, DEFAULT_TEXT_ENCODER, MODES, PRESET_NAMES, PROTOCOLS
     p = argparse.ArgumentParser(prog="fusionseg", description="Open-vocabulary semantic segmentation on frozen encoders.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -358,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder; the final checkpoint is OUT/final.safetensors")
     t.add_argument("--image-encoder", default=None, help=f"default {DEFAULT_IMAGE_ENCODER}")
     t.add_argument("--text-encoder", default=None, help=f"default {DEFAULT_TEXT_ENCODER}")
-    t.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"default {DEFAULT_PRESET}")
+    t.add_argument("--preset", default=None, choices=list(PRESET_NAMES), help=f"default {DEFAULT_PRESET}")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None, help="global batch (split over torchrun processes)")
     t.add_argument("--lr", type=float, default=None)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .choices import MODES
 from .data.io import load_image_with_size
 from .data.transforms import pad_to, resize_image, round_up, to_tensor
 from .labelmap import argmax_classes, resample_argmax, write_band
@@ -34,11 +35,6 @@ AUTO_TILE_ABOVE = 1536
 DEFAULT_TILE = 768
 #: Fraction of a window shared with its neighbour (features are kept up to the middle of the overlap).
 OVERLAP = 0.5
-#: How names are scored: the trained fusion model; the training-free classifier bridge; or the fusion model
-#: for names near its training vocabulary and the bridge for the others.
-#: ``auto`` (the default): fusion+bridge when the image encoder has a named classifier head, else fusion
-#: (docs/RESULTS.md: fusion+bridge is the best design on unseen names and within 1.2 points on seen ones).
-MODES = ("auto", "fusion", "bridge", "fusion+bridge")
 #: fusion+bridge: a name whose text embedding has cosine >= this with a training name counts as known.
 KNOWN_NAME_SIMILARITY = 0.85
 

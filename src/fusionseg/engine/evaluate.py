@@ -8,11 +8,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..choices import PROTOCOLS
 from ..data.datasets import IGNORE
 from .metrics import SemanticMeter
-
-
-PROTOCOLS = ("semantic", "episodes", "novel-names")
 
 
 def evaluate_semantic(segmenter, dataset, class_names: Sequence[str] | None = None, background: bool | None = None,

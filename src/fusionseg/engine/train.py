@@ -40,11 +40,10 @@ from ..data.features import DEFAULT_SHARD_SIZE, RowTable, cache_features, cached
 from ..data.transforms import prepare_training_pair
 from ..encoders.base import EncoderError, build_image_encoder
 from ..encoders.templates import resolve_templates
+from ..choices import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from ..model.checkpoint import save_checkpoint
 from ..model.fusioner import DEFAULT_PRESET, FusionerConfig, FusionHead
 
-DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
-DEFAULT_TEXT_ENCODER = "minilm-l6"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.toml"
 

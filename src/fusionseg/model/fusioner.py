@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..choices import DEFAULT_PRESET  # noqa: F401 - re-exported: model.fusioner.DEFAULT_PRESET
 from .decoder import Decoder
 from .fusion import FusionModule
 from .head import CosineHead
@@ -24,7 +25,6 @@ PRESETS: dict[str, dict] = {
     # Tiny, for tests.
     "tiny": dict(width=32, layers=1, heads=4, mlp=64, decoder_channels=(16, 16)),
 }
-DEFAULT_PRESET = "small"
 
 
 @dataclass
