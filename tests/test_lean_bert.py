@@ -72,7 +72,8 @@ def test_build_uses_the_lean_path_and_falls_back(monkeypatch):
         raise OSError("no tokenizer.json")
 
     monkeypatch.setattr(hf_text, "_minilm_lean", broken)
-    ref = build_text_encoder("minilm-l6")
+    with pytest.warns(UserWarning, match="no tokenizer.json.*through transformers"):
+        ref = build_text_encoder("minilm-l6")
     assert type(ref.model).__name__ == "BertModel"
     assert ref.spec == enc.spec
     names = ["cat", "potted plant", "bathtub mat"]

@@ -261,7 +261,10 @@ def build_minilm(name: str) -> HFTextEncoder:
     folder = _minilm_folder()
     try:
         model, tok = _minilm_lean(folder)
-    except Exception:  # noqa: BLE001 - an unusual install: the slower, general path decides
+    except Exception as lean_error:  # noqa: BLE001 - an unusual install: the slower, general path decides
+        import warnings
+        warnings.warn(f"minilm-l6: the direct loader failed ({_one_line(lean_error)}); loading it through "
+                      f"transformers instead (same model, a few seconds slower)", stacklevel=3)
         try:
             model, tok = _minilm_transformers(folder)
         except Exception as e:
