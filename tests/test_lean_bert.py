@@ -174,3 +174,15 @@ def test_cli_says_an_unwritable_cache_in_one_line_and_still_segments(tmp_path, m
     lines = [s for s in err.splitlines() if "warning" in s]
     assert lines == [f"fusionseg segment: warning: text embeddings are not kept on disk: {blocker / 'cache'} is not "
                      f"writable (Not a directory); set FUSIONSEG_CACHE to a writable folder"], err
+
+
+def test_concurrent_encoding_from_threads_matches_sequential(minilm):
+    """The server's worker threads embed names at the same time: the shared tokenizer (whose truncation is a
+    setting of one Rust object) and model give each thread its own right answer."""
+    from concurrent.futures import ThreadPoolExecutor
+    groups = [[f"{w} {i}" for w in ("cat", "red car", "a very long potted plant name")] for i in range(8)]
+    want = [minilm.encode(g, "none") for g in groups]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda g: minilm.encode(g, "none"), groups * 3))
+    for k, g in enumerate(got):
+        assert torch.allclose(g, want[k % len(groups)], atol=1e-5)
