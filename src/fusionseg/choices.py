@@ -9,7 +9,9 @@ DEFAULT_TEXT_ENCODER = "minilm-l6"
 PRESET_NAMES = ("paper", "small", "tiny")
 DEFAULT_PRESET = "small"
 #: ``fusionseg evaluate --protocol``.
-PROTOCOLS = ("semantic", "episodes", "novel-names")
+PROTOCOLS = ("semantic", "present", "episodes", "novel-names")
+#: ``fusionseg evaluate --split``: every image, or only the images the model never trained on.
+SPLITS = ("all", "val")
 #: How names are scored (``Segmenter(mode=...)``, ``--mode``): the trained fusion model; the training-free
 #: classifier bridge; or the fusion model for names near its training vocabulary and the bridge for the others.
 #: ``auto`` (the default): fusion+bridge when the image encoder has a named classifier head, else fusion

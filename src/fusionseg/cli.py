@@ -243,7 +243,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             _check_writable(Path(p).resolve().parent)
     rep = evaluate(model=a.model, data=a.data, protocol=a.protocol, fold=a.fold, threshold=a.threshold,
                    device=a.device, json_path=a.json, report_path=a.report, max_images=a.max_images,
-                   episodes=a.episodes, classes=a.classes, mode=a.mode)
+                   episodes=a.episodes, classes=a.classes, mode=a.mode, split=a.split)
     print(rep["table"])
     for p in (a.json, a.report):
         if p:
@@ -319,7 +319,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .choices import DEFAULT_IMAGE_ENCODER, DEFAULT_PRESET, DEFAULT_TEXT_ENCODER, MODES, PRESET_NAMES, PROTOCOLS
+    from .choices import DEFAULT_IMAGE_ENCODER, DEFAULT_PRESET, DEFAULT_TEXT_ENCODER, MODES, PRESET_NAMES, PROTOCOLS, SPLITS
     p = argparse.ArgumentParser(prog="fusionseg", description="Open-vocabulary semantic segmentation on frozen encoders.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -387,8 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="default")
     e.add_argument("--data", required=True, help="a dataset folder, or pascal5i:ROOT, coco20i:ROOT, fss1000:ROOT, mosaic4:ROOT")
     e.add_argument("--protocol", default="semantic", choices=list(PROTOCOLS),
-                   help="semantic: all classes at once; episodes: one class per episode; novel-names: "
+                   help="semantic: all classes at once; present: each image with exactly the classes its ground "
+                        "truth shows; episodes: one class per episode; novel-names: "
                         "discrimination, episodes and the wrong-name control for the names in --classes")
+    e.add_argument("--split", default="all", choices=list(SPLITS),
+                   help="all: every image; val: only the images the model never trained on (its recorded "
+                        "validation split of a training folder; every image of any other folder)")
     e.add_argument("--classes", default=None, help="novel-names protocol: comma-separated class names of the dataset")
     e.add_argument("--mode", default="auto", choices=list(MODES), help="scoring mode (see segment --mode)")
     e.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold 0-3")

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..choices import PROTOCOLS
+from ..choices import PROTOCOLS, SPLITS
 from ..data.datasets import IGNORE
 from .metrics import SemanticMeter
 
@@ -39,6 +40,55 @@ def evaluate_semantic(segmenter, dataset, class_names: Sequence[str] | None = No
     return {"protocol": "semantic", "miou": round(float(np.mean(vals)), 4) if vals else None,
             "pixel_accuracy": round(float(r["pixel_accuracy"]), 4), "per_class": per_class, "images": n,
             "argmax": bool(background), "seconds": round(time.time() - t0, 1)}
+
+
+def evaluate_present(segmenter, dataset, threshold: float | None = None, background: bool | None = None,
+                     progress: bool = True, max_images: int | None = None, low_iou: float = 0.05) -> dict:
+    """The user's protocol: each image is segmented with exactly the classes its ground truth shows (what a
+    person does who names what is in the photo), and the label maps are accumulated in one confusion matrix
+    over the dataset's classes. ``miou`` is the mean over classes present in some image; ``low_iou_classes``
+    lists those below ``low_iou``. ``background`` as in :func:`evaluate_semantic` (default from the dataset)."""
+    names = list(dataset.class_names)
+    if background is None:
+        background = bool(getattr(dataset, "every_pixel_labelled", False))
+    meter = SemanticMeter(len(names) + 1, ignore_index=IGNORE)
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    t0 = time.time()
+    for i in tqdm(range(n), desc=f"evaluating {getattr(dataset, 'name', '')} (present names)", unit="img",
+                  disable=not progress, dynamic_ncols=True):
+        s = dataset[i]
+        present = s.present()
+        if not present:
+            continue
+        pred = segmenter.predict(s.image, [names[c - 1] for c in present], threshold=threshold, background=background)
+        lut = np.zeros(len(present) + 1, np.int64)
+        lut[1:] = present  # label k of this image's prediction -> the dataset's class index
+        meter.update(torch.from_numpy(lut[pred.labels.astype(np.int64)]), torch.from_numpy(s.mask.astype(np.int64)))
+    r = meter.compute()
+    per = r["per_class_iou"]
+    per_class = {name: (None if per[k] != per[k] else round(float(per[k]), 4)) for k, name in enumerate(names, start=1)}
+    vals = [v for v in per_class.values() if v is not None]
+    return {"protocol": "present", "miou": round(float(np.mean(vals)), 4) if vals else None,
+            "pixel_accuracy": round(float(r["pixel_accuracy"]), 4), "per_class": per_class, "images": n,
+            "classes_evaluated": len(vals), "low_iou": low_iou,
+            "low_iou_classes": sorted(k for k, v in per_class.items() if v is not None and v < low_iou),
+            "argmax": bool(background), "seconds": round(time.time() - t0, 1)}
+
+
+def heldout_subset(dataset, meta: dict):
+    """The images of a folder ``dataset`` that the model described by checkpoint ``meta`` never trained on: its
+    validation split recomputed from the recorded recipe (``val_fraction``, ``seed``, ``holdout``) when the
+    folder was one of its training folders (matched by folder name), else every image."""
+    from ..data.datasets import split_ids
+    tr = meta.get("training", {}) or {}
+    cfg = tr.get("config") or meta.get("config") or {}
+    used = {Path(str(p)).name for p in tr.get("data", []) or []}
+    if not hasattr(dataset, "subset") or getattr(dataset, "name", None) not in used:
+        return dataset
+    holdout = set(cfg.get("holdout", []) or [])
+    _, val = split_ids([i for i in dataset.ids if i not in holdout], float(cfg.get("val_fraction", 0.15)),
+                       int(cfg.get("seed", 0)))
+    return dataset.subset(sorted(set(val) | (holdout & set(dataset.ids))))
 
 
 def make_episodes(dataset, classes: Sequence[int] | None = None, n: int | None = None, seed: int = 0) -> list[tuple[int, int]]:
@@ -118,6 +168,9 @@ def _table(rep: dict) -> str:
         lines.append(f"| FB-IoU | {rep['fbiou']:.3f} |")
     if "pixel_accuracy" in rep:
         lines.append(f"| pixel accuracy | {rep['pixel_accuracy']:.3f} |")
+    if "low_iou_classes" in rep:
+        lines.append(f"| classes below IoU {rep['low_iou']} | {len(rep['low_iou_classes'])} of "
+                     f"{rep['classes_evaluated']} |")
     return "\n".join(lines)
 
 
@@ -148,7 +201,7 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
              threshold: float | None = None, device: str = "cpu", json_path: str | None = None,
              report_path: str | None = None, max_images: int | None = None, episodes: int | None = None,
              progress: bool = True, examples: int = 4, classes: Sequence[str] | str | None = None,
-             mode: str = "auto") -> dict:
+             mode: str = "auto", split: str = "all") -> dict:
     """Evaluate a model on a dataset; returns the report dict (also written as JSON / Markdown if asked)."""
     import json
     from pathlib import Path
@@ -159,13 +212,31 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if protocol == "novel-names" and not classes:
         raise ValueError("--protocol novel-names needs --classes with at least two of the dataset's class names")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     ds = open_dataset(data, fold=fold)
     seg = model if isinstance(model, Segmenter) else Segmenter.from_pretrained(model, device=device, mode=mode)
+    if split == "val":
+        if not hasattr(ds, "subset"):
+            raise ValueError("--split val needs a dataset folder (benchmarks bring their own splits: use --fold)")
+        ds = heldout_subset(ds, seg.meta)
     if protocol == "novel-names":
         names = classes.split(",") if isinstance(classes, str) else list(classes)
         rep = evaluate_novel_names(seg, ds, names, threshold=threshold, progress=progress, max_images=max_images,
                                    keep_examples=examples if report_path else 0)
         ex = rep.pop("_examples", [])
+    elif protocol == "present":
+        rep = evaluate_present(seg, ds, threshold=threshold, progress=progress, max_images=max_images)
+        ex = []
+        for i in range(min(examples, len(ds)) if report_path else 0):
+            s = ds[i]
+            pres = s.present()
+            if pres:
+                p = seg.predict(s.image, [ds.class_names[c - 1] for c in pres], threshold=threshold,
+                                background=rep["argmax"])
+                lut = np.zeros(len(pres) + 1, np.int64)
+                lut[1:] = pres
+                ex.append((s.image, s.mask, lut[p.labels.astype(np.int64)], list(ds.class_names)))
     elif protocol == "semantic":
         rep = evaluate_semantic(seg, ds, threshold=threshold, progress=progress, max_images=max_images)
         ex = []
@@ -178,7 +249,8 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
                                 keep_examples=examples if report_path else 0)
         ex = rep.pop("_examples", [])
     rep.update(model=str(model if not isinstance(model, Segmenter) else seg.meta.get("path")), data=str(data),
-               fold=fold, threshold=seg.threshold if threshold is None else threshold, mode=seg.mode)
+               fold=fold, threshold=seg.threshold if threshold is None else threshold, mode=seg.mode,
+               split=split)
     rep["table"] = _table(rep)
     if json_path:
         write_text_atomic(json.dumps({k: v for k, v in rep.items() if k != "table"}, indent=1), json_path)
