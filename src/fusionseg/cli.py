@@ -1,4 +1,4 @@
-"""Command line: ``fusionseg segment | train | cache | evaluate | info``.
+"""Command line: ``fusionseg segment | train | pseudo-label | cache | evaluate | info | serve``.
 
 Bad input ends with one line on stderr and exit code 2, never a traceback.
 """
@@ -251,6 +251,38 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pseudo_label(a: argparse.Namespace) -> int:
+    from .engine.pseudo_label import pseudo_label
+    from .engine.teachers import build_teacher
+    for name, v, lo, hi in (("--min-peak", a.min_peak, 0, 1), ("--min-confidence", a.min_confidence, 0, 1),
+                            ("--known-fraction", a.known_fraction, 0, 1), ("--val-fraction", a.val_fraction, 0, 0.99)):
+        if not lo <= v <= hi:
+            raise CLIError(f"{name} must be in [{lo}, {hi}], got {v}")
+    if a.max_images is not None and a.max_images < 1:
+        raise CLIError(f"--max-images must be at least 1, got {a.max_images}")
+    if a.examples < 0:
+        raise CLIError(f"--examples must be 0 or more, got {a.examples}")
+    for d in a.data:
+        if not Path(d).is_dir():
+            raise CLIError(f"no such folder: {d}")
+    _check_writable(Path(a.out))
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    names = [n.strip() for n in a.names.split(",") if n.strip()] if a.names else None
+    teacher = build_teacher(a.teacher, image_encoder=a.image_encoder, device=a.device, names=names)
+    exclude = [c for c in (a.exclude_classes or "").split(",") if c.strip()]
+    rep = pseudo_label(a.data, a.out, teacher, min_peak=a.min_peak, min_confidence=a.min_confidence,
+                       known_fraction=a.known_fraction, exclude_classes=exclude, val_fraction=a.val_fraction,
+                       seed=a.seed, holdout=a.holdout or [], examples=a.examples, max_images=a.max_images)
+    print(f"labelled {rep['images']} images into {len(rep['parts'])} part(s) under {a.out} "
+          f"({rep['classes_with_pixels']} of {rep['teacher_classes']} teacher classes with pixels, "
+          f"{rep['ignored_fraction']:.0%} of pixels ignored); train with --data {a.out}")
+    if rep.get("examples"):
+        print(f"wrote {Path(a.out) / rep['examples']}")
+    return 0
+
+
 def cmd_cache(a: argparse.Namespace) -> int:
     from .data.features import cache_features
     from .engine.train import build_encoder_for_training, default_scales, init_distributed, open_datasets
@@ -416,6 +448,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("--cache-dir", default=None)
     c.set_defaults(func=cmd_cache)
+
+    q = sub.add_parser("pseudo-label", help="label images with a training-free teacher (self-training data for train)")
+    q.add_argument("--data", action="append", required=True,
+                   help="folder of images (with labels.csv: image-level labels) or a dataset folder (its ground truth wins); repeatable")
+    q.add_argument("--out", required=True, help="output folder (a dataset collection that train --data reads)")
+    q.add_argument("--teacher", default="bridge",
+                   help="bridge (the image encoder's classifier over named classes), maskclip (hf: CLIP image towers) "
+                        "or a model: default, a checkpoint or a run folder (self-training)")
+    q.add_argument("--image-encoder", default=None, help=f"the bridge's / MaskCLIP's image encoder (default {DEFAULT_IMAGE_ENCODER})")
+    q.add_argument("--names", default=None, help="comma-separated names for a model or MaskCLIP teacher (default: the model's training names)")
+    q.add_argument("--min-peak", type=float, default=0.5, help="drop a class from an image when its peak probability is below this")
+    q.add_argument("--min-confidence", type=float, default=0.3, help="label a pixel only when its best class reaches this probability")
+    q.add_argument("--known-fraction", type=float, default=0.5,
+                   help="image-level label: its class takes the pixels where its probability is at least this share of its peak")
+    q.add_argument("--exclude-classes", default=None,
+                   help="names never to label; teacher classes with one of them among their synonyms or group words too")
+    q.add_argument("--val-fraction", type=float, default=0.0,
+                   help="leave out each dataset folder's validation images (as train --val-fraction computes them)")
+    q.add_argument("--seed", type=int, default=0, help="seed of that validation split (train --seed)")
+    q.add_argument("--holdout", action="append", help="image id never labelled (repeatable, as train --holdout)")
+    q.add_argument("--max-images", type=int, default=None)
+    q.add_argument("--examples", type=int, default=8, help="images in the overlay grid examples.png (0: none)")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--threads", type=int, default=0)
+    q.set_defaults(func=cmd_pseudo_label)
 
     i = sub.add_parser("info", help="describe a checkpoint and the available encoders")
     i.add_argument("--model", default="default")

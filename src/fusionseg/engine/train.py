@@ -94,6 +94,7 @@ class TrainConfig:
     name_dropout: float = 0.5   # with bridge_prior: share of a batch's classes given the unknown-name token
     log_every: int = 50
     resume: bool | str = False        # True: continue OUT/state.pt; a folder: continue that run
+    init: str | None = None           # start from this checkpoint's trained weights ("default", a file or run)
     progress: bool = True
 
 
@@ -276,7 +277,9 @@ def open_datasets(paths: Sequence[str], fold: int | None = None) -> list:
     """Folder datasets, or ``pascal5i:ROOT`` / ``coco20i:ROOT`` (the fold's ``trn`` split: base classes only)."""
     if not paths:
         raise DatasetError("give at least one --data folder")
+    from .pseudo_label import expand_collection
     out = []
+    paths = [q for p in paths for q in (expand_collection(p) if Path(str(p)).is_dir() else [p])]
     for p in paths:
         prefix = str(p).partition(":")[0].lower()
         if prefix in ("pascal5i", "coco20i") and not Path(p).exists():
@@ -714,6 +717,18 @@ def _resolve_resume(cfg: TrainConfig) -> tuple[Path, bool]:
     return Path(cfg.out), bool(cfg.resume) and cfg.resume != "false"
 
 
+def _init_from(head: FusionHead, spec: str) -> None:
+    """Load a checkpoint's trained weights into ``head`` (same encoders' shapes and preset), for fine-tuning."""
+    from ..model.checkpoint import load_model
+    model, _ = load_model(spec, "cpu")
+    src = model.head.state_dict()
+    dst = head.state_dict()
+    bad = [k for k in dst if k not in src or src[k].shape != dst[k].shape]
+    if bad:
+        raise TrainError(f"--init {spec}: its weights do not fit this model ({bad[0]}); use the same encoders and preset")
+    head.load_state_dict({k: v.float() for k, v in src.items()})
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run a training job; returns the path of ``final.safetensors``. Works alone or under ``torchrun``."""
     from ..runtime import tune_malloc
@@ -849,6 +864,9 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     start, bad_run, ema = 0, 0, None
+    if cfg.init and state is None:
+        _init_from(head, cfg.init)
+        say(f"initialised the trained weights from {cfg.init}")
     if state is not None:
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])

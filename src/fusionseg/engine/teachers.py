@@ -1,0 +1,112 @@
+"""Teachers for pseudo-labelling: training-free or trained models that give dense class probabilities.
+
+A teacher has ``names`` (its K classes, the words the student will learn), ``synonyms`` (per class, every
+word for it: WordNet lemmas and group words, used for text augmentation and for ``--exclude-classes``),
+``probabilities(image) -> (K, h, w)`` in [0, 1] over the image (any resolution; the caller resamples) and
+``describe() -> dict``.
+
+* :class:`BridgeTeacher`: an image encoder's own classifier over named classes, per location (EfficientNet-Lite:
+  the 1,000 ImageNet classes at stride 32; ``hf:`` image-classification models with named labels).
+* :class:`ModelTeacher`: a trained fusion model over a list of names (self-training rounds).
+* :class:`MaskCLIPTeacher`: CLIP's training-free dense map (``hf:`` CLIP image towers), when available.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data.transforms import pad_to, resize_image, round_up, to_tensor
+from ..encoders.base import EncoderError
+
+#: Longer side (px) at which the classifier bridge reads images (the size its constants were chosen at).
+TEACHER_SIZE = 320
+
+
+def _prepare(image, size: int, mean, std, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    img = resize_image(image, size)
+    x = to_tensor(img)[None]
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    h, w = x.shape[-2:]
+    return pad_to(x, round_up(h, multiple), round_up(w, multiple)), (h, w)
+
+
+def _crop(maps: torch.Tensor, valid: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
+    """``(K, hl, wl)`` over a padded canvas -> the part showing the image."""
+    hl, wl = maps.shape[-2:]
+    hv = max(1, round(hl * valid[0] / padded[0]))
+    wv = max(1, round(wl * valid[1] / padded[1]))
+    return maps[:, :hv, :wv]
+
+
+class BridgeTeacher:
+    """The image encoder's classifier head applied at every location: softmax over its named classes."""
+
+    def __init__(self, image_encoder, size: int = TEACHER_SIZE, groups: bool = True):
+        from ..model.bridge import require_classifier
+        require_classifier(image_encoder)
+        self.encoder = image_encoder.eval()
+        self.size = int(size)
+        self.names = [str(n) for n in image_encoder.class_names]
+        syn = image_encoder.class_synonyms() if hasattr(image_encoder, "class_synonyms") else [[n] for n in self.names]
+        if groups and len(syn) == 1000:
+            from ..model.imagenet_groups import imagenet_groups
+            syn = [list(s) + [g for g in gr if g not in s] for s, gr in zip(syn, imagenet_groups())]
+        self.synonyms = [list(dict.fromkeys([n] + list(s))) for n, s in zip(self.names, syn)]
+
+    def describe(self) -> dict:
+        return {"kind": "bridge", "image_encoder": self.encoder.spec.name, "size": self.size}
+
+    @torch.inference_mode()
+    def probabilities(self, image) -> torch.Tensor:
+        enc = self.encoder
+        x, valid = _prepare(image, self.size, enc.mean, enc.std, int(getattr(enc, "size_multiple", 32)))
+        maps = enc(x)
+        p = enc.classify_maps(list(maps)).float().softmax(1)[0]
+        return _crop(p, valid, tuple(x.shape[-2:]))
+
+
+class ModelTeacher:
+    """A trained fusion model's sigmoid scores over ``names`` (default: the names it was trained on)."""
+
+    def __init__(self, segmenter, names: Sequence[str] | None = None, synonyms: Sequence[Sequence[str]] | None = None):
+        vocab = names or segmenter.meta.get("training", {}).get("vocabulary") or []
+        if not vocab:
+            raise EncoderError("this model records no training vocabulary; give the teacher's names with --names")
+        self.segmenter = segmenter
+        self.names = [str(n) for n in vocab]
+        self.synonyms = [list(s) for s in synonyms] if synonyms else [[n] for n in self.names]
+
+    def describe(self) -> dict:
+        return {"kind": "model", "model": str(self.segmenter.meta.get("path")), "mode": self.segmenter.mode,
+                "names": len(self.names)}
+
+    @torch.inference_mode()
+    def probabilities(self, image) -> torch.Tensor:
+        seg = self.segmenter
+        return seg.logits_from(seg.encode(image), self.names).float().sigmoid()
+
+
+def build_teacher(spec: str = "bridge", image_encoder: str | None = None, device: str = "cpu",
+                  names: Sequence[str] | None = None, size: int = TEACHER_SIZE):
+    """``bridge`` (the classifier bridge of ``image_encoder``, default efficientnet-lite0), ``maskclip`` (CLIP's
+    dense map of an ``hf:`` CLIP ``image_encoder``) or a model (``default``, a checkpoint or a run folder)."""
+    from ..choices import DEFAULT_IMAGE_ENCODER
+    from ..encoders.base import build_image_encoder
+    if spec == "bridge":
+        from ..model.bridge import has_classifier
+        enc = build_image_encoder(image_encoder or DEFAULT_IMAGE_ENCODER)
+        if not has_classifier(enc):
+            raise EncoderError(f"--teacher bridge needs an image encoder with a classifier head over named classes; "
+                               f"{enc.spec.name} has none (use efficientnet-lite0, -lite1 or -lite2, or an hf: "
+                               f"image-classification model with named labels; for hf: CLIP towers use --teacher maskclip)")
+        return BridgeTeacher(enc.to(device), size=size)
+    if spec == "maskclip":
+        try:
+            from .maskclip_teacher import MaskCLIPTeacher
+        except ImportError:
+            raise EncoderError("the maskclip teacher is not available in this build") from None
+        return MaskCLIPTeacher(image_encoder, names, device=device, size=size)
+    from ..segmenter import Segmenter
+    return ModelTeacher(Segmenter.from_pretrained(spec, device=device), names)
