@@ -147,3 +147,21 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(["pseudo-label", "--data", photos, "--out", tmp_path / "o4", "--teacher", "bridge",
                             "--image-encoder", "test-pool"], capsys)
     assert code == 2 and "classifier head" in err and "efficientnet-lite0" in err
+
+
+def test_train_excludes_through_synonyms_and_trains_with_them(tmp_path):
+    from fusionseg.engine.train import TrainConfig, build_vocabulary, dataset_synonyms, open_datasets, train
+    from fusionseg.model.checkpoint import load_model
+    photos = _photos(tmp_path / "photos", n=4)
+    shapes = make_shapes_dataset(tmp_path / "shapes", n=4, size=64)
+    pseudo_label([str(photos), str(shapes)], tmp_path / "out", StubTeacher(), progress=False, examples=0)
+    sets = open_datasets([str(tmp_path / "out")])
+    assert dataset_synonyms(sets[0])[2] == ["thing2", "animal"]
+    vocab, maps, _ = build_vocabulary(sets, ["animal", "disc"])
+    assert "thing2" not in vocab and "disc" not in vocab and "thing0" in vocab
+    run = train(TrainConfig(data=[str(tmp_path / "out")], out=str(tmp_path / "run"), image_encoder="test-pool",
+                            text_encoder="test-hash", preset="tiny", steps=3, batch_size=4, size=64, val_fraction=0.0,
+                            cache_dir=str(tmp_path / "cache"), progress=False, synonym_rate=1.0,
+                            exclude_classes=["animal"]))
+    _, meta = load_model(run)
+    assert "thing2" not in meta["training"]["vocabulary"] and "square" in meta["training"]["vocabulary"]

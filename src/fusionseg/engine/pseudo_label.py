@@ -84,18 +84,19 @@ def read_labels_csv(path: Path, n_classes: int) -> dict[str, int]:
     return out
 
 
+def excluded_by(words: Sequence[str], exclude: Sequence[str]) -> set[str]:
+    """The names of ``exclude`` that rule out a class known by ``words`` (its name, synonyms, group words):
+    equal after :func:`normalize_name`, or, for a one-word excluded name, a word of a multi-word one ("shark"
+    rules out "great white shark"; conservative, so held-out-name studies stay honest)."""
+    ex = {normalize_name(e) for e in exclude if str(e).strip()}
+    keys = {normalize_name(w) for w in words}
+    hit = ex & keys
+    return hit or {e for e in ex if " " not in e and any(e in k.split() for k in keys)}
+
+
 def excluded_teacher_classes(synonyms: Sequence[Sequence[str]], exclude: Sequence[str]) -> set[int]:
-    """Teacher classes that must never become training names: any with an excluded name among its synonyms or
-    group words (hypernyms), compared after :func:`normalize_name` and also word by word for multi-word
-    names ("great white shark" is excluded by "shark")."""
-    ex = {normalize_name(e) for e in exclude if e.strip()}
-    out = set()
-    for k, syn in enumerate(synonyms):
-        keys = {normalize_name(s) for s in syn}
-        words = {w for s in keys for w in s.split()}
-        if keys & ex or any(e in words for e in ex if " " not in e):
-            out.add(k)
-    return out
+    """Teacher classes that must never become training names (see :func:`excluded_by`)."""
+    return {k for k, syn in enumerate(synonyms) if excluded_by(syn, exclude)}
 
 
 def collect_sources(data: Sequence[str], vocab_index: dict[str, int], n_teacher: int,

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .pseudo_label import excluded_by
 from ..data.datasets import IGNORE, DatasetError, FolderDataset, Sample, normalize_name, split_ids
 from ..data.features import DEFAULT_SHARD_SIZE, RowTable, cache_features, cached_text_embeddings, write_atomic
 from ..data.transforms import prepare_training_pair
@@ -95,6 +96,7 @@ class TrainConfig:
     log_every: int = 50
     resume: bool | str = False        # True: continue OUT/state.pt; a folder: continue that run
     init: str | None = None           # start from this checkpoint's trained weights ("default", a file or run)
+    synonym_rate: float = 0.0         # share of classes named by a random synonym in a step (manifest "synonyms")
     progress: bool = True
 
 
@@ -312,6 +314,16 @@ class _Pool:
         self.known = known             # (N, G) bool: which vocabulary names the image's dataset annotates
 
 
+def dataset_synonyms(ds) -> list[list[str]] | None:
+    """Per class of a folder dataset, the other words for it from its manifest's ``synonyms`` (written by
+    ``fusionseg pseudo-label``: WordNet lemmas and group words), or None when it has none."""
+    raw = (getattr(ds, "meta", None) or {}).get("synonyms")
+    if not raw:
+        return None
+    values = sorted(int(k) for k in ds.meta["classes"])
+    return [[str(w) for w in raw.get(str(v), [])] for v in values]
+
+
 def build_vocabulary(datasets: Sequence, exclude: Sequence[str] = ()) -> tuple[list[str], list[list[int]], list[str]]:
     """Global vocabulary (normalised names, first spelling kept) and, per dataset, local index -> global index
     (-1 for excluded). Returns (vocab, maps, excluded names that no dataset has)."""
@@ -322,10 +334,13 @@ def build_vocabulary(datasets: Sequence, exclude: Sequence[str] = ()) -> tuple[l
     seen_excl = set()
     for ds in datasets:
         m = []
-        for name in ds.class_names:
+        syn = dataset_synonyms(ds)
+        for k, name in enumerate(ds.class_names):
             key = normalize_name(name)
-            if key in excl:
-                seen_excl.add(key)
+            # a pseudo-labelled class (with synonyms) is ruled out by any of its words ("cat" rules out "tabby")
+            hit = excluded_by([key] + syn[k], excl) if syn else excl & {key}
+            if hit:
+                seen_excl |= hit
                 m.append(-1)
                 continue
             if key not in index:
@@ -826,6 +841,17 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
             pools.append(_Pool([RowTable.concat(f) for f in feats], RowTable.concat(gmasks), torch.cat(known), sc))
             del feats
     all_names = sorted({normalize_name(n) for ds in datasets for n in ds.class_names} | set(vocab))
+    vocab_syn: dict[int, list[str]] = {}  # vocabulary id -> other words for it (text augmentation)
+    if cfg.synonym_rate > 0:
+        vid = {n: i for i, n in enumerate(vocab)}
+        for ds in datasets:
+            for name, words in zip(ds.class_names, dataset_synonyms(ds) or []):
+                g = vid.get(normalize_name(name))
+                extra = [normalize_name(w) for w in words if normalize_name(w) != normalize_name(name)]
+                if g is not None and extra:
+                    vocab_syn.setdefault(g, [])
+                    vocab_syn[g] += [w for w in extra if w not in vocab_syn[g]]
+        all_names = sorted(set(all_names) | {w for ws in vocab_syn.values() for w in ws})
 
     def text_embeddings():
         try:
@@ -842,6 +868,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
         text_all, text_spec = text_embeddings()
     row = {n: i for i, n in enumerate(all_names)}
     text = text_all[[row[n] for n in vocab]].to(device)
+    syn_rows = {g: torch.tensor([row[w] for w in ws]) for g, ws in vocab_syn.items()}
     val_sets, val_text = [], []
     for ds in datasets:
         va = splits[ds.name]["val"]
@@ -971,8 +998,16 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
                     prior = bridge.logits(levels, text[classes])
                 names_rng = step_rng(cfg.seed, step, "names")
                 unknown = torch.tensor([names_rng.random() < cfg.name_dropout for _ in classes], device=device)
+            tc = text[classes]
+            if syn_rows:  # some classes named by one of their other words this step
+                srng = step_rng(cfg.seed, step, "synonyms")
+                swap = [(j, g) for j, g in enumerate(classes) if g in syn_rows and srng.random() < cfg.synonym_rate]
+                if swap:
+                    tc = tc.clone()
+                    for j, g in swap:
+                        tc[j] = text_all[int(syn_rows[g][srng.randrange(len(syn_rows[g]))])].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = fwd(levels, text[classes], prior=prior, unknown=unknown)
+                logits = fwd(levels, tc, prior=prior, unknown=unknown)
             s, c = bce_terms(logits, masks, kn, classes, cfg.loss_stride)
             count = dist.sum_(c.detach().float().clone()).clamp(min=1)
             loss = s / count
