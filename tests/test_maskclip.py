@@ -230,9 +230,12 @@ def test_scores_probabilities_and_logits_match_hand_computation(bridge, full):
     ok = p.clamp(1e-6, 1 - 1e-6) == p  # compare where the log-odds are well within the cap
     assert torch.allclose(lg.double()[ok], logit[ok], atol=1e-3)
     assert torch.allclose(torch.sigmoid(lg.double()), p, atol=1e-5)
-    up = bridge.logits(x, NAMES, (32, 32))
-    assert up.shape == (2, 3, 32, 32)
-    assert torch.allclose(up, F.interpolate(lg, size=(32, 32), mode="bilinear", align_corners=False), atol=1e-5)
+    # at another size: similarities resampled, then the softmax; the sigmoids still sum to 1 at every pixel
+    up = bridge.logits(x, NAMES, (32, 24))
+    p_up = F.interpolate(100 * cos, size=(32, 24), mode="bilinear", align_corners=False).softmax(1)
+    assert up.shape == (2, 3, 32, 24)
+    assert torch.allclose(torch.sigmoid(up.double()), p_up, atol=1e-5)
+    assert torch.allclose(torch.sigmoid(up).sum(1), torch.ones(2, 32, 24), atol=1e-4)
     # the maps path (what the Segmenter hands over) gives the same logits
     assert torch.allclose(bridge.logits(bridge.image_encoder(x), text.float()), lg, atol=1e-4)
     with pytest.raises(ValueError, match="embeddings from the CLIP text tower"):

@@ -308,12 +308,13 @@ class MaskCLIPBridge:
 
     def logits(self, maps_or_pixels, queries, out_size: tuple[int, int] | None = None) -> Tensor:
         """-> ``(B, N, H, W)`` log-odds of :meth:`probabilities` (``sigmoid(logit) = p``; capped at
-        :data:`LOGIT_CAP`), bilinearly resampled to ``out_size`` when given."""
+        :data:`LOGIT_CAP`). With ``out_size`` the scaled similarities are resampled bilinearly first and the
+        softmax taken at that size, so the sigmoids still sum to 1 over the names at every pixel (resampling
+        log-odds instead would leave pixels between cells of different winners with no name at all)."""
         z, n = self._scaled(maps_or_pixels, queries)
-        lg = log_odds(z, n)
-        if out_size is not None and tuple(lg.shape[-2:]) != tuple(out_size):
-            lg = F.interpolate(lg, size=tuple(out_size), mode="bilinear", align_corners=False)
-        return lg
+        if out_size is not None and tuple(z.shape[-2:]) != tuple(out_size):
+            z = F.interpolate(z, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return log_odds(z, n)
 
     def dense_probabilities(self, pixels: Tensor, names) -> Tensor:
         """Teacher's view: normalised pixels ``(B, 3, H, W)`` and class names (or their ``(N, D)`` embeddings, e.g.
