@@ -338,3 +338,27 @@ class _FakeText:
 
     class spec:  # noqa: N801
         name = "minilm-like"
+
+
+def test_maskclip_teacher_pseudo_labels_with_its_own_classes(clip_folder, tmp_path):
+    """`pseudo-label --teacher maskclip`: the teacher's probabilities are the bridge's softmax over its names,
+    and the written parts carry those names."""
+    from PIL import Image
+    from fusionseg.data.datasets import FolderDataset
+    from fusionseg.engine.pseudo_label import expand_collection, pseudo_label
+    from fusionseg.engine.teachers import build_teacher
+    t = build_teacher("maskclip", image_encoder=f"hf:{clip_folder}", names=NAMES, size=32)
+    img = Image.new("RGB", (40, 32), (200, 40, 40))
+    p = t.probabilities(img)
+    assert p.shape[0] == 3 and torch.allclose(p.sum(0), torch.ones_like(p[0]), atol=1e-5)
+    (tmp_path / "photos").mkdir()
+    img.save(tmp_path / "photos" / "a.png")
+    rep = pseudo_label([str(tmp_path / "photos")], tmp_path / "out", t, min_peak=0.0, min_confidence=0.0,
+                       progress=False, examples=0)
+    assert rep["teacher"]["kind"] == "maskclip"
+    ds = FolderDataset(expand_collection(tmp_path / "out")[0])
+    assert ds.class_names == tuple(NAMES)
+    top = int(p.mean((1, 2)).argmax())  # a uniform image: mostly the class the teacher favours overall
+    assert (ds[0].mask == top + 1).mean() > 0.5
+    with pytest.raises(EncoderError, match="hf: CLIP image tower"):
+        build_teacher("maskclip", image_encoder=None)

@@ -88,6 +88,38 @@ class ModelTeacher:
         return seg.logits_from(seg.encode(image), self.names).float().sigmoid()
 
 
+class MaskCLIPTeacher:
+    """CLIP's training-free dense map (:class:`~fusionseg.model.maskclip.MaskCLIPBridge`): softmax at temperature
+    0.01 over ``names`` (default: the 1,000 ImageNet classes, each embedded from its synonyms and group words)."""
+
+    def __init__(self, image_encoder, names: Sequence[str] | None = None, size: int = TEACHER_SIZE):
+        from ..model.maskclip import MaskCLIPBridge
+        self.encoder = image_encoder.eval()
+        self.bridge = MaskCLIPBridge(image_encoder)
+        self.size = int(size)
+        if names:
+            self.names = [str(n) for n in names]
+            self.synonyms = [[n] for n in self.names]
+        else:
+            from ..encoders.efficientnet_lite import imagenet_class_names, imagenet_synonyms
+            from ..model.imagenet_groups import imagenet_groups
+            self.names = list(imagenet_class_names())
+            self.synonyms = [list(dict.fromkeys([n] + s + list(g)))
+                             for n, s, g in zip(self.names, imagenet_synonyms(), imagenet_groups())]
+        self.queries = self.bridge.embed_classes(self.synonyms)
+
+    def describe(self) -> dict:
+        return {"kind": "maskclip", "image_encoder": self.encoder.spec.name, "size": self.size,
+                "names": len(self.names)}
+
+    @torch.inference_mode()
+    def probabilities(self, image) -> torch.Tensor:
+        enc = self.encoder
+        x, valid = _prepare(image, self.size, enc.mean, enc.std, int(getattr(enc, "size_multiple", 32)))
+        p = self.bridge.dense_probabilities(x, self.queries)[0]
+        return _crop(p, valid, tuple(x.shape[-2:]))
+
+
 def build_teacher(spec: str = "bridge", image_encoder: str | None = None, device: str = "cpu",
                   names: Sequence[str] | None = None, size: int = TEACHER_SIZE):
     """``bridge`` (the classifier bridge of ``image_encoder``, default efficientnet-lite0), ``maskclip`` (CLIP's
@@ -103,10 +135,12 @@ def build_teacher(spec: str = "bridge", image_encoder: str | None = None, device
                                f"image-classification model with named labels; for hf: CLIP towers use --teacher maskclip)")
         return BridgeTeacher(enc.to(device), size=size)
     if spec == "maskclip":
-        try:
-            from .maskclip_teacher import MaskCLIPTeacher
-        except ImportError:
-            raise EncoderError("the maskclip teacher is not available in this build") from None
-        return MaskCLIPTeacher(image_encoder, names, device=device, size=size)
+        from ..model.maskclip import require_maskclip
+        if not image_encoder:
+            raise EncoderError("--teacher maskclip needs an hf: CLIP image tower: --image-encoder "
+                               "hf:openai/clip-vit-base-patch16 (or -base-patch32, -large-patch14)")
+        enc = build_image_encoder(image_encoder)
+        require_maskclip(enc)
+        return MaskCLIPTeacher(enc.to(device), names, size=size)
     from ..segmenter import Segmenter
     return ModelTeacher(Segmenter.from_pretrained(spec, device=device), names)
