@@ -23,7 +23,7 @@ from conftest import shared_data
 def _no_global_splits(monkeypatch, tmp_path):
     """Tests see only the split lists they write: no $FUSIONSEG_SPLITS, no package copy."""
     monkeypatch.delenv(B.SPLITS_ENV, raising=False)
-    monkeypatch.setattr(B, "PACKAGE_SPLITS", tmp_path / "no-package-splits")
+    monkeypatch.setattr(B.splits, "PACKAGE_SPLITS", tmp_path / "no-package-splits")
 
 
 def _rgb(w, h, seed):
