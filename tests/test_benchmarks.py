@@ -21,9 +21,8 @@ from conftest import shared_data
 
 @pytest.fixture(autouse=True)
 def _no_global_splits(monkeypatch, tmp_path):
-    """Tests see only the split lists they write: no $FUSIONSEG_SPLITS, no package copy."""
+    """Tests see only the split lists they write: no $FUSIONSEG_SPLITS."""
     monkeypatch.delenv(B.SPLITS_ENV, raising=False)
-    monkeypatch.setattr(B.splits, "PACKAGE_SPLITS", tmp_path / "no-package-splits")
 
 
 def _rgb(w, h, seed):
@@ -167,6 +166,30 @@ def test_pascal_generated_split(tmp_path):
     with pytest.warns(UserWarning, match="not the published split"):
         ds = Pascal5i(voc, fold=1)   # no list anywhere -> generated from the masks
     assert ds.split_source == "generated" and len(ds) == 3
+
+
+def test_split_lists_are_looked_up_where_the_docs_say(tmp_path, monkeypatch):
+    from fusionseg.data.benchmarks.splits import _find_split_file
+    root = tmp_path / "VOC2012"
+    monkeypatch.setenv(B.SPLITS_ENV, str(tmp_path / "env"))
+    path, tried = _find_split_file("pascal", "val/fold0.txt", None, root)
+    assert path is None
+    # $FUSIONSEG_SPLITS first, then ROOT/splits; each plain, under <benchmark>/ and under hsnet/<benchmark>/
+    assert tried == [tmp_path / "env" / "val/fold0.txt", tmp_path / "env" / "pascal" / "val/fold0.txt",
+                     tmp_path / "env" / "hsnet/pascal" / "val/fold0.txt", root / "splits" / "val/fold0.txt",
+                     root / "splits" / "pascal" / "val/fold0.txt", root / "splits" / "hsnet/pascal" / "val/fold0.txt"]
+    assert all(p.is_relative_to(tmp_path) for p in tried)   # no other place (the package ships no lists)
+    f = root / "splits" / "hsnet" / "pascal" / "val" / "fold0.txt"
+    f.parent.mkdir(parents=True)
+    f.write_text("2007_000033__01\n")
+    assert _find_split_file("pascal", "val/fold0.txt", None, root)[0] == f
+    g = tmp_path / "env" / "pascal" / "val" / "fold0.txt"
+    g.parent.mkdir(parents=True)
+    g.write_text("2007_000033__01\n")
+    assert _find_split_file("pascal", "val/fold0.txt", None, root)[0] == g          # the variable wins
+    assert _find_split_file("pascal", "val/fold0.txt", tmp_path / "nowhere", root) == (
+        None, [tmp_path / "nowhere" / "val/fold0.txt", tmp_path / "nowhere" / "pascal" / "val/fold0.txt",
+               tmp_path / "nowhere" / "hsnet/pascal" / "val/fold0.txt"])           # split_dir: nothing else
 
 
 def test_hsnet_lists_follow_the_fold_rule():

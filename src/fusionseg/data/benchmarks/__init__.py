@@ -29,7 +29,7 @@ from .coco import Coco20i, decode_coco_segmentation, render_coco_mask
 from .fss import FSS1000
 from .mosaic import Mosaic4, MosaicSample
 from .pascal import VOC_CLASSES, Pascal5i, generate_pascal_split
-from .splits import (NUM_FOLDS, PACKAGE_SPLITS, SPLITS_ENV, _check_fold, _load_coco_list, _read_pascal_list,
+from .splits import (NUM_FOLDS, SPLITS_ENV, _check_fold, _load_coco_list, _read_pascal_list,
                      coco_fold_classes, pascal_fold_classes)
 
 __all__ = ["VOC_CLASSES", "Pascal5i", "Coco20i", "FSS1000", "Mosaic4", "MosaicSample", "open_dataset",

@@ -5,9 +5,13 @@ where the split lists are looked up, and how the lists are read.
 * Split names: ``val`` (alias ``test``) and ``trn`` (alias ``train``).
 * Lists (HSNet's ``pascal/{trn,val}/fold{f}.txt``, ``coco/{trn,val}/fold{f}.pkl``, ``fss/{trn,val,test}.txt``)
   are looked up, in order, in: the ``split_dir`` argument (if given, nothing else is tried), the folder named by
-  ``$FUSIONSEG_SPLITS``, the package's ``PACKAGE_SPLITS`` and ``ROOT/splits``. In each, the file may sit directly
-  under it, under ``<benchmark>/`` or under ``hsnet/<benchmark>/`` (``<benchmark>`` = ``pascal``, ``coco`` or
-  ``fss``), e.g. ``splits/hsnet/pascal/val/fold0.txt``.
+  ``$FUSIONSEG_SPLITS``, and ``ROOT/splits``. In each, the file may sit directly under it, under
+  ``<benchmark>/`` or under ``hsnet/<benchmark>/`` (``<benchmark>`` = ``pascal``, ``coco`` or ``fss``), e.g.
+  ``splits/hsnet/pascal/val/fold0.txt``. Without a list, PASCAL-5i and COCO-20i generate one (with a warning:
+  not the published split) and FSS-1000 asks for one.
+* The package ships no lists: HSNet's repository states no licence, so they cannot be redistributed under
+  ours. A copy of HSNet's lists (``data/splits/`` of juhongm999/hsnet) laid out as ``hsnet/{pascal,coco,fss}/``
+  works as it is: ``FUSIONSEG_SPLITS=/path/to/splits``.
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ from ._helpers import PlainUnpickler
 
 NUM_FOLDS = 4
 SPLITS_ENV = "FUSIONSEG_SPLITS"
-PACKAGE_SPLITS = Path(__file__).resolve().parent.parent / "splits"
 
 
 def _check_fold(fold: Any, what: str) -> int:
@@ -65,7 +68,6 @@ def _split_bases(split_dir: str | os.PathLike | None, root: Path | None) -> tupl
     env = os.environ.get(SPLITS_ENV)
     if env:
         bases.append(Path(env))
-    bases.append(PACKAGE_SPLITS)
     if root is not None:
         bases.append(root / "splits")
     return bases, False
