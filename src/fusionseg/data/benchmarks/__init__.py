@@ -8,8 +8,8 @@ Every loader has ``class_names`` (tuple), ``ids``, ``__len__``, ``__getitem__ ->
 * :class:`Pascal5i` — VOC2012 ``JPEGImages/<id>.jpg`` + ``SegmentationClassAug/<id>.png`` (0..20, 255).
   Folds: fold f tests classes 5f+1..5f+5. Image lists: HSNet's ``pascal/{trn,val}/fold{f}.txt``.
 * :class:`Coco20i` — COCO 2014 ``train2014/``, ``val2014/`` + ``annotations/instances_{train,val}2014.json``,
-  masks rendered from the polygons / RLE (crowd -> 255). Fold f tests classes f+1, f+5, ..., f+77.
-  Image lists: HSNet's ``coco/{trn,val}/fold{f}.pkl``, or generated from the JSON.
+  masks rendered from the polygons / RLE by pycocotools (the ``coco`` extra; crowd -> 255). Fold f tests
+  classes f+1, f+5, ..., f+77. Image lists: HSNet's ``coco/{trn,val}/fold{f}.pkl``, or generated from the JSON.
 * :class:`FSS1000` — one folder per class with ``1.jpg``..``10.jpg`` + ``1.png``..``10.png``.
 * :class:`Mosaic4` — 2x2 mosaics of four tiles of four different classes from FSS-1000 or any dataset.
 * :func:`open_dataset` — ``pascal5i:ROOT``, ``coco20i:ROOT``, ``fss1000:ROOT``, ``mosaic4:ROOT`` or a folder.

@@ -1,5 +1,10 @@
 """COCO-20i: COCO 2014 ``train2014/``, ``val2014/`` + ``annotations/instances_{train,val}2014.json``, masks rendered
-from the instances' polygons / RLE (crowd -> 255), HSNet's fold lists or lists generated from the JSON."""
+from the instances' polygons / RLE by pycocotools (crowd -> 255), HSNet's fold lists or lists generated from the JSON.
+
+pycocotools (the ``coco`` extra, installed by ``scripts/setup.sh``) is the reference rasteriser: COCO-20i scores are
+comparable with published ones only with its masks. A hand-written polygon filler used before differed from it on
+0.14 % of the object pixels of ``shared/data/coco2017_mini``; without pycocotools, COCO-20i says how to install it.
+"""
 from __future__ import annotations
 
 import json
@@ -15,142 +20,76 @@ from ._base import _Base
 from .splits import SPLITS_ENV, _check_fold, _find_split_file, _fold_split, _load_coco_list, coco_fold_classes
 
 
-def _rle_string_to_counts(s: str | bytes) -> list[int]:
-    """Decode COCO's compressed RLE string (pycocotools' LEB128-like 6-bit text format) into run lengths."""
-    if isinstance(s, bytes):
-        s = s.decode("ascii")
-    counts: list[int] = []
-    p, n = 0, len(s)
-    while p < n:
-        x, k, more = 0, 0, True
-        while more:
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
+PYCOCOTOOLS_MISSING = ("COCO masks are rendered with pycocotools (the reference rasteriser, so that scores compare "
+                       "with published ones), which is not installed: pip install 'fusionseg[coco]'")
 
 
-def _rle_counts_to_mask(counts: Sequence[int], h: int, w: int) -> np.ndarray:
-    """Run lengths (alternating 0s and 1s, starting with 0s, column-major) -> ``(h, w)`` bool."""
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.sum() != h * w:
-        raise DatasetError(f"RLE runs add up to {int(counts.sum())} pixels, but the size is {h}x{w}")
-    values = np.arange(len(counts)) % 2 == 1
-    flat = np.repeat(values, counts)
-    return flat.reshape(w, h).T.copy()
+def _mask_api():
+    """``pycocotools.mask``, or a :class:`DatasetError` saying how to install it."""
+    try:
+        import pycocotools.mask as mu
+    except ImportError:
+        raise DatasetError(PYCOCOTOOLS_MISSING) from None
+    return mu
 
 
-def _polygons_to_mask(polys: Sequence[Sequence[float]], h: int, w: int) -> np.ndarray:
-    """Fill COCO polygons (flat ``[x0, y0, x1, y1, ...]`` lists; pixel (x, y) spans [x, x+1) x [y, y+1)).
-
-    A pixel is inside a polygon when its centre ``(x + 0.5, y + 0.5)`` is (even-odd rule, scanline per row);
-    the instance is the union of its polygons. This is the rule pycocotools' rasteriser approximates: on the
-    2,535 instances of shared/data/coco2017_mini the two differ on 0.14 % of the object pixels.
-    """
-    out = np.zeros((h, w), dtype=bool)
-    for poly in polys:
-        xy = np.asarray(poly, dtype=np.float64)
-        if xy.size < 6:
-            continue
-        xy = xy[: xy.size // 2 * 2].reshape(-1, 2)
-        x1, y1 = xy[:, 0], xy[:, 1]
-        x2, y2 = np.roll(x1, -1), np.roll(y1, -1)
-        ylo, yhi = np.minimum(y1, y2), np.maximum(y1, y2)
-        r0 = max(0, int(np.floor(ylo.min() - 0.5)))
-        r1 = min(h, int(np.ceil(yhi.max() + 0.5)) + 1)
-        if r1 <= r0:
-            continue
-        yc = np.arange(r0, r1, dtype=np.float64)[:, None] + 0.5
-        active = (ylo[None, :] <= yc) & (yc < yhi[None, :])
-        dy = np.where(y2 == y1, 1.0, y2 - y1)
-        xs = np.where(active, x1[None, :] + (yc - y1[None, :]) / dy[None, :] * (x2 - x1)[None, :], np.inf)
-        xs.sort(axis=1)
-        # columns whose centre lies in [a, b): ceil(a - 0.5) .. ceil(b - 0.5) - 1
-        cols = np.ceil(np.where(np.isfinite(xs), xs, 0.0) - 0.5).clip(0, w).astype(np.int64)
-        for k, c in enumerate(active.sum(1).tolist()):
-            row = out[r0 + k]
-            for lo, hi in zip(cols[k, 0:c:2].tolist(), cols[k, 1:c:2].tolist()):
-                if hi > lo:
-                    row[lo:hi] = True
-    return out
-
-
-def _coco_decode(rle) -> np.ndarray:
-    """pycocotools' decode, without the DeprecationWarning its Cython layer raises under numpy 2."""
-    import pycocotools.mask as mu
+def _decode(mu, rle) -> np.ndarray:
+    """pycocotools' decode as a bool array, without the DeprecationWarning its Cython layer raises under numpy 2."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return mu.decode(rle).astype(bool)
 
 
-def _have_pycocotools() -> bool:
-    try:
-        import pycocotools.mask  # noqa: F401
-    except Exception:
-        return False
-    return True
+def decode_coco_segmentation(seg: Any, h: int, w: int) -> np.ndarray:
+    """A COCO ``segmentation`` field -> ``(h, w)`` bool mask, rasterised by pycocotools.
 
-
-def decode_coco_segmentation(seg: Any, h: int, w: int, use_pycocotools: bool | None = None) -> np.ndarray:
-    """A COCO ``segmentation`` field -> ``(h, w)`` bool mask.
-
-    Handles polygons (list of flat coordinate lists), uncompressed RLE (``{"counts": [ints], "size": [h, w]}``,
-    crowd regions) and compressed RLE (``counts`` a string). Uses pycocotools when installed (unless
-    ``use_pycocotools=False``); otherwise our own decoder: RLE exactly, polygons by the pixel-centre rule
-    (:func:`_polygons_to_mask`; a few boundary pixels may differ from pycocotools).
+    Handles polygons (list of flat coordinate lists; the instance is their union), uncompressed RLE
+    (``{"counts": [ints], "size": [h, w]}``, crowd regions; its runs must cover exactly ``h * w`` pixels) and
+    compressed RLE (``counts`` a string). Raises :class:`DatasetError` if pycocotools is not installed
+    (``pip install 'fusionseg[coco]'``), for an RLE of another size, or for an unknown field.
     """
-    if use_pycocotools is None:
-        use_pycocotools = _have_pycocotools()
+    mu = _mask_api()
     if isinstance(seg, list):
-        polys = [p for p in seg if len(p) >= 6]
+        polys = [list(map(float, p)) for p in seg if len(p) >= 6]
         if not polys:
             return np.zeros((h, w), dtype=bool)
-        if use_pycocotools:
-            import pycocotools.mask as mu
-            return _coco_decode(mu.merge(mu.frPyObjects([list(map(float, p)) for p in polys], h, w)))
-        return _polygons_to_mask(polys, h, w)
+        return _decode(mu, mu.merge(mu.frPyObjects(polys, h, w)))
     if isinstance(seg, dict) and "counts" in seg:
         sh, sw = (int(v) for v in seg.get("size", (h, w)))
         if (sh, sw) != (h, w):
             raise DatasetError(f"RLE size {sh}x{sw} differs from the image size {h}x{w}")
         counts = seg["counts"]
-        if use_pycocotools:
-            import pycocotools.mask as mu
-            if isinstance(counts, list):
-                rle = mu.frPyObjects(seg, h, w)
-            else:
-                rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-            return _coco_decode(rle)
-        if not isinstance(counts, list):
-            counts = _rle_string_to_counts(counts)
-        return _rle_counts_to_mask(counts, h, w)
+        if isinstance(counts, list):
+            # pycocotools leaves the pixels past short runs uninitialised: check the runs cover the image
+            if sum(int(c) for c in counts) != h * w:
+                raise DatasetError(f"RLE runs add up to {sum(int(c) for c in counts)} pixels, but the size is {h}x{w}")
+            rle = mu.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)
+        else:
+            rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        try:
+            return _decode(mu, rle)
+        except ValueError as e:
+            raise DatasetError(f"unreadable COCO RLE ({e})") from None
     raise DatasetError(f"unsupported COCO segmentation of type {type(seg).__name__}")
 
 
-def render_coco_mask(anns: Sequence[dict], h: int, w: int, cat_index: dict[int, int],
-                     use_pycocotools: bool | None = None) -> np.ndarray:
+def render_coco_mask(anns: Sequence[dict], h: int, w: int, cat_index: dict[int, int]) -> np.ndarray:
     """Semantic ``(h, w)`` uint8 mask from COCO instance annotations.
 
     Non-crowd instances are painted with ``cat_index[category_id]`` (1-based class index) in order of
     decreasing ``area`` (larger first, so smaller objects stay on top); crowd regions then become 255
-    (ignore) wherever no non-crowd instance was painted. The same rule as ``shared/data/coco2017_mini``.
+    (ignore) wherever no non-crowd instance was painted. The same rule, and the same rasteriser (pycocotools), as
+    the masks of ``shared/data/coco2017_mini``.
     """
     mask = np.zeros((h, w), dtype=np.uint8)
     crowd = np.zeros((h, w), dtype=bool)
     things = [a for a in anns if not a.get("iscrowd", 0)]
     things.sort(key=lambda a: -float(a.get("area", 0.0)))
     for a in things:
-        mask[decode_coco_segmentation(a["segmentation"], h, w, use_pycocotools)] = cat_index[int(a["category_id"])]
+        mask[decode_coco_segmentation(a["segmentation"], h, w)] = cat_index[int(a["category_id"])]
     for a in anns:
         if a.get("iscrowd", 0):
-            crowd |= decode_coco_segmentation(a["segmentation"], h, w, use_pycocotools)
+            crowd |= decode_coco_segmentation(a["segmentation"], h, w)
     mask[crowd & (mask == 0)] = IGNORE
     return mask
 
@@ -176,23 +115,23 @@ class Coco20i(_Base):
         fold: 0..3; fold f's novel classes are f+1, f+5, ..., f+77 (1-based, COCO category order).
         split: ``"val"`` (images of ``val2014``) or ``"trn"`` (``train2014``).
         instances_json: the instances file, if not at the usual place.
-        split_dir: where HSNet's ``coco/{val,trn}/fold{f}.pkl`` are (see :mod:`.splits` for the search order). Without them the
-            per-class image lists are generated from the JSON (every image with at least one non-crowd
+        split_dir: where HSNet's ``coco/{val,trn}/fold{f}.pkl`` are (see :mod:`.splits` for the search order).
+            Without them the per-class image lists are generated from the JSON (every image with at least one non-crowd
             instance of the class; HSNet's lists are a filtered subset, e.g. 19,217 val2014 images for person),
             with a warning, and ``split_source`` says ``"generated"``.
         novel_as_ignore: novel-class pixels become 255; default True for ``trn``.
 
     Classes: the JSON's 80 categories sorted by id (names as COCO writes them). Samples: the union of the
     split classes' image lists (val: the 20 novel classes; trn: the 60 base classes), sorted; masks rendered by
-    :func:`render_coco_mask` (crowd -> 255). :meth:`episodes` samples as HSNet does: a class uniformly among the
-    split classes, then an image uniformly among that class's images, seeded.
+    :func:`render_coco_mask` (pycocotools; crowd -> 255). :meth:`episodes` samples as HSNet does: a class
+    uniformly among the split classes, then an image uniformly among that class's images, seeded.
     """
 
     benchmark = "coco20i"
 
     def __init__(self, root: str | os.PathLike, fold: int, split: str = "val",
                  instances_json: str | os.PathLike | None = None, split_dir: str | os.PathLike | None = None,
-                 novel_as_ignore: bool | None = None, use_pycocotools: bool | None = None):
+                 novel_as_ignore: bool | None = None):
         self.fold = _check_fold(fold, "COCO-20i")
         self.split = _fold_split(split, "COCO-20i")
         sub = "val2014" if self.split == "val" else "train2014"
@@ -202,6 +141,7 @@ class Coco20i(_Base):
         if not js.is_file():
             raise DatasetError(f"{self.root} has no annotations/instances_{sub}.json (COCO-20i renders its masks "
                                f"from the official instances JSON; pass instances_json= if it is elsewhere)")
+        _mask_api()  # before reading the JSON (450 MB for train2014): without pycocotools no mask can be made
         try:
             meta = json.loads(js.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -218,7 +158,6 @@ class Coco20i(_Base):
         self.base_classes = [c for c in range(1, 81) if c not in self.novel_classes]
         self.split_classes = self.novel_classes if self.split == "val" else self.base_classes
         self.novel_as_ignore = (self.split == "trn") if novel_as_ignore is None else bool(novel_as_ignore)
-        self.use_pycocotools = use_pycocotools
         self.name = f"coco20i-fold{self.fold}-{self.split}"
         self.instances_json = js
 
@@ -281,8 +220,7 @@ class Coco20i(_Base):
 
     def load_mask(self, id: str) -> np.ndarray:
         im = self._images[id]
-        m = render_coco_mask(self._anns[id], int(im["height"]), int(im["width"]), self._cat_index,
-                             self.use_pycocotools)
+        m = render_coco_mask(self._anns[id], int(im["height"]), int(im["width"]), self._cat_index)
         return self._lut[m]
 
     def images_of(self, class_index: int) -> list[int]:
