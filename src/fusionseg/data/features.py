@@ -26,12 +26,10 @@ shard keeps the bytes that were verified.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save as save_bytes
 from tqdm import tqdm
 
+from .._atomic import write_atomic, write_failure_reason
 from ..encoders.base import ImageEncoder
 from .transforms import prepare_training_pair
 
@@ -159,41 +158,9 @@ def store_dir(ds, encoder: ImageEncoder, size: int, views: int, cache_dir: str |
     return folder / f"{ds.name}-{h.hexdigest()[:12]}-s{size}-v{views}"
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename.
-
-    A failure (disk full) leaves any previous ``path`` untouched and removes the temporary file.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _disk_error(e: OSError, what: Path) -> CacheError:
-    reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    err = CacheError(f"could not write the feature cache {what}: {reason}; free space or pass --cache-dir on "
-                     f"another disk (nothing half-written was kept)")
+    err = CacheError(f"could not write the feature cache {what}: {write_failure_reason(e)}; free space or pass "
+                     f"--cache-dir on another disk (nothing half-written was kept)")
     err.errno = e.errno
     return err
 
