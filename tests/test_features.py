@@ -55,6 +55,24 @@ def test_corrupt_shard_is_detected_and_recomputed(ds, tmp_path):
     assert verify_store(a.path) == (3, [])
 
 
+def test_shard_with_matching_checksum_but_not_safetensors_is_recomputed(ds, tmp_path):
+    import hashlib
+    enc = PoolEncoder().freeze()
+    a = cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=4)
+    ref_masks = a.masks  # a copy: a's own tables map the file overwritten below
+    shard = sorted(a.path.glob("shard-*.safetensors"))[0]
+    entry_file = shard.with_suffix(".json")
+    entry = json.loads(entry_file.read_text())
+    bad = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\x00" * 64
+    shard.write_bytes(bad)
+    entry["sha256"] = hashlib.sha256(bad).hexdigest()   # the bytes are the recorded ones: only parsing fails
+    entry_file.write_text(json.dumps(entry))
+    with pytest.warns(UserWarning, match="not a readable safetensors file"):
+        b = cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=4)
+    assert b.computed == len(entry["ids"]) and torch.equal(b.masks, ref_masks)
+    assert verify_store(a.path) == (2, [])
+
+
 def test_shard_without_index_entry_is_ignored(ds, tmp_path):
     """A kill between writing a shard and its entry leaves a shard nobody trusts: it is recomputed."""
     enc = PoolEncoder().freeze()
