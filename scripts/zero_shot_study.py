@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fusionseg._atomic import write_atomic
+
 ALIASES = {"airplane": ["aeroplane"], "person": ["body", "face", "pedestrian", "bicyclist"]}
 MSRC6 = ["cow", "sheep", "cat", "dog", "boat", "flower"]
 DEMO_ID = "000000358083"  # the README's demo photo, never trained on
@@ -179,9 +181,7 @@ def main() -> None:
         current = json.loads(res_path.read_text()) if res_path.is_file() else {}
         for k in done:
             current[k] = merge(current[k], results[k]) if rows_only and isinstance(current.get(k), dict) else results[k]
-        tmp = res_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(current, indent=1))
-        tmp.replace(res_path)
+        write_atomic(res_path, json.dumps(current, indent=1).encode())  # a unique temp name per process
         results.update(current)
 
     def todo(key: str) -> bool:

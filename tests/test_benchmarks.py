@@ -21,9 +21,8 @@ from conftest import shared_data
 
 @pytest.fixture(autouse=True)
 def _no_global_splits(monkeypatch, tmp_path):
-    """Tests see only the split lists they write: no $FUSIONSEG_SPLITS, no package copy."""
+    """Tests see only the split lists they write: no $FUSIONSEG_SPLITS."""
     monkeypatch.delenv(B.SPLITS_ENV, raising=False)
-    monkeypatch.setattr(B, "PACKAGE_SPLITS", tmp_path / "no-package-splits")
 
 
 def _rgb(w, h, seed):
@@ -169,6 +168,30 @@ def test_pascal_generated_split(tmp_path):
     assert ds.split_source == "generated" and len(ds) == 3
 
 
+def test_split_lists_are_looked_up_where_the_docs_say(tmp_path, monkeypatch):
+    from fusionseg.data.benchmarks.splits import _find_split_file
+    root = tmp_path / "VOC2012"
+    monkeypatch.setenv(B.SPLITS_ENV, str(tmp_path / "env"))
+    path, tried = _find_split_file("pascal", "val/fold0.txt", None, root)
+    assert path is None
+    # $FUSIONSEG_SPLITS first, then ROOT/splits; each plain, under <benchmark>/ and under hsnet/<benchmark>/
+    assert tried == [tmp_path / "env" / "val/fold0.txt", tmp_path / "env" / "pascal" / "val/fold0.txt",
+                     tmp_path / "env" / "hsnet/pascal" / "val/fold0.txt", root / "splits" / "val/fold0.txt",
+                     root / "splits" / "pascal" / "val/fold0.txt", root / "splits" / "hsnet/pascal" / "val/fold0.txt"]
+    assert all(p.is_relative_to(tmp_path) for p in tried)   # no other place (the package ships no lists)
+    f = root / "splits" / "hsnet" / "pascal" / "val" / "fold0.txt"
+    f.parent.mkdir(parents=True)
+    f.write_text("2007_000033__01\n")
+    assert _find_split_file("pascal", "val/fold0.txt", None, root)[0] == f
+    g = tmp_path / "env" / "pascal" / "val" / "fold0.txt"
+    g.parent.mkdir(parents=True)
+    g.write_text("2007_000033__01\n")
+    assert _find_split_file("pascal", "val/fold0.txt", None, root)[0] == g          # the variable wins
+    assert _find_split_file("pascal", "val/fold0.txt", tmp_path / "nowhere", root) == (
+        None, [tmp_path / "nowhere" / "val/fold0.txt", tmp_path / "nowhere" / "pascal" / "val/fold0.txt",
+               tmp_path / "nowhere" / "hsnet/pascal" / "val/fold0.txt"])           # split_dir: nothing else
+
+
 def test_hsnet_lists_follow_the_fold_rule():
     splits = shared_data("splits/hsnet")
     counts = {"val": [346, 451, 725, 346], "trn": [2286, 3425, 5883, 2086]}
@@ -260,18 +283,29 @@ def test_rle_and_polygon_decoding():
     m = np.zeros((7, 5), np.uint8)
     m[2:5, 1:4] = 1
     m[6, 4] = 1
-    assert (decode_coco_segmentation({"size": [7, 5], "counts": _rle_encode_string(m)}, 7, 5, False) == m).all()
-    assert (decode_coco_segmentation({"size": [7, 5], "counts": _runs(m)}, 7, 5, False) == m).all()
-    poly = decode_coco_segmentation(_rect_poly(1, 2, 4, 5), 7, 5, False)
+    assert (decode_coco_segmentation({"size": [7, 5], "counts": _rle_encode_string(m)}, 7, 5) == m).all()
+    assert (decode_coco_segmentation({"size": [7, 5], "counts": _rle_encode_string(m).encode()}, 7, 5) == m).all()
+    assert (decode_coco_segmentation({"size": [7, 5], "counts": _runs(m)}, 7, 5) == m).all()
+    poly = decode_coco_segmentation(_rect_poly(1, 2, 4, 5), 7, 5)
     assert (poly == m.astype(bool) & ~(np.arange(7)[:, None] == 6)).all()   # rectangle [1,4) x [2,5)
-    tri = decode_coco_segmentation([[0, 0, 4, 0, 0, 4]], 5, 5, False)
-    # pixel centres (x+.5, y+.5) with x + y + 1 < 4
+    tri = decode_coco_segmentation([[0, 0, 4, 0, 0, 4]], 5, 5)
+    # pycocotools' rasterisation of the triangle: the pixels with x + y < 3
     assert tri.sum() == 6 and tri[0, 2] and not tri[0, 3] and tri[2, 0] and not tri[3, 0]
-    with pytest.raises(DatasetError, match="RLE"):
-        decode_coco_segmentation({"size": [7, 5], "counts": [3, 4]}, 7, 5, False)
+    # an instance of several polygons is their union; fragments of fewer than 3 points are dropped
+    two = decode_coco_segmentation(_rect_poly(1, 2, 4, 5) + [[0, 0, 4, 0, 0, 4], [1, 1, 2, 2]], 7, 5)
+    assert (two == (poly | np.pad(tri, ((0, 2), (0, 0))))).all()
+    assert not decode_coco_segmentation([[1, 1, 2, 2]], 7, 5).any()
+    with pytest.raises(DatasetError, match="RLE runs add up to 7 pixels"):
+        decode_coco_segmentation({"size": [7, 5], "counts": [3, 4]}, 7, 5)
+    with pytest.raises(DatasetError, match="RLE size 5x7 differs"):
+        decode_coco_segmentation({"size": [5, 7], "counts": [35]}, 7, 5)
+    with pytest.raises(DatasetError, match="unreadable COCO RLE"):
+        decode_coco_segmentation({"size": [7, 5], "counts": "9" * 50}, 7, 5)   # runs past the image
+    with pytest.raises(DatasetError, match="unsupported COCO segmentation"):
+        decode_coco_segmentation(3, 7, 5)
 
 
-def test_decoders_agree_with_pycocotools():
+def test_compressed_rle_round_trips_through_pycocotools():
     mu = pytest.importorskip("pycocotools.mask")
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -279,29 +313,27 @@ def test_decoders_agree_with_pycocotools():
         m = (rng.random((h, w)) < rng.random()).astype(np.uint8)
         rle = mu.encode(np.asfortranarray(m))
         seg = {"size": [h, w], "counts": rle["counts"].decode()}
-        assert seg["counts"] == _rle_encode_string(m)
-        assert (decode_coco_segmentation(seg, h, w, False) == m.astype(bool)).all()
-    poly = [[3.2, 1.7, 25.9, 4.1, 20.3, 18.6, 7.7, 14.2, 2.1, 9.9]]
-    ours = decode_coco_segmentation(poly, 20, 30, False)
-    theirs = decode_coco_segmentation(poly, 20, 30, True)
-    assert (ours != theirs).sum() <= 0.05 * theirs.sum()
+        assert seg["counts"] == _rle_encode_string(m)   # the test-side encoder writes what pycocotools writes
+        assert (decode_coco_segmentation(seg, h, w) == m.astype(bool)).all()
 
 
-def test_coco_render_pycocotools_and_ours_agree(tmp_path):
-    pytest.importorskip("pycocotools.mask")
+def test_missing_pycocotools_is_one_clear_error(tmp_path, monkeypatch):
+    import sys
     root = make_coco(tmp_path / "coco")
-    with pytest.warns(UserWarning):
-        ours = Coco20i(root, fold=0, use_pycocotools=False)
-    with pytest.warns(UserWarning):
-        theirs = Coco20i(root, fold=0, use_pycocotools=True)
-    for id in ours.ids:
-        assert (ours.load_mask(id) == theirs.load_mask(id)).all()
+    monkeypatch.setitem(sys.modules, "pycocotools", None)        # import pycocotools -> ImportError
+    monkeypatch.setitem(sys.modules, "pycocotools.mask", None)
+    for call in (lambda: Coco20i(root, fold=0), lambda: open_dataset(f"coco20i:{root}", fold=0),
+                 lambda: decode_coco_segmentation(_rect_poly(1, 2, 4, 5), 7, 5)):
+        with pytest.raises(DatasetError) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg and "pycocotools" in msg and "pip install 'fusionseg[coco]'" in msg
 
 
 def test_coco_val_fold0(tmp_path):
     root = make_coco(tmp_path / "coco")
     with pytest.warns(UserWarning, match="generating"):
-        ds = Coco20i(root, fold=0, split="val", use_pycocotools=False)
+        ds = Coco20i(root, fold=0, split="val")
     assert len(ds.class_names) == 80 and ds.class_names[0] == "person"
     assert ds.novel_classes == coco_fold_classes(0) and len(ds.novel_classes) == 20
     # generated lists: images with a non-crowd instance of a fold-0 class (1, 5, 9 here); 724 has only class 2
@@ -329,7 +361,7 @@ def test_coco_pkl_lists_and_trn(tmp_path):
     (tmp_path / "sp" / "trn" / "fold0.pkl").write_bytes(pickle.dumps(lists, protocol=3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ds = Coco20i(root, fold=0, split="trn", split_dir=tmp_path / "sp", use_pycocotools=False)
+        ds = Coco20i(root, fold=0, split="trn", split_dir=tmp_path / "sp")
     assert ds.ids == ["COCO_train2014_000000000139", "COCO_train2014_000000000724"]
     assert ds.novel_as_ignore and ds.split_classes == ds.base_classes and len(ds.base_classes) == 60
     m = ds.load_mask(ds.ids[0])
@@ -371,7 +403,7 @@ def test_render_matches_shared_coco_masks():
     diff = total = 0
     for im in sorted(meta["images"], key=lambda x: x["file_name"])[:30]:
         ref = np.asarray(Image.open(root / "masks" / (Path(im["file_name"]).stem + ".png")))
-        ours = render_coco_mask(anns.get(im["id"], []), im["height"], im["width"], index, use_pycocotools=False)
+        ours = render_coco_mask(anns.get(im["id"], []), im["height"], im["width"], index)
         diff += int((ours != ref).sum())
         total += int((ref > 0).sum())
     assert diff <= 0.01 * total   # our polygon fill vs the pycocotools rendering shipped with the data

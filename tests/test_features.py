@@ -1,6 +1,5 @@
 """The sharded, checksummed feature cache: reuse across subsets, corruption detected and recomputed, rank
 sharding, a full disk."""
-import errno
 import json
 
 import pytest
@@ -56,6 +55,24 @@ def test_corrupt_shard_is_detected_and_recomputed(ds, tmp_path):
     assert verify_store(a.path) == (3, [])
 
 
+def test_shard_with_matching_checksum_but_not_safetensors_is_recomputed(ds, tmp_path):
+    import hashlib
+    enc = PoolEncoder().freeze()
+    a = cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=4)
+    ref_masks = a.masks  # a copy: a's own tables map the file overwritten below
+    shard = sorted(a.path.glob("shard-*.safetensors"))[0]
+    entry_file = shard.with_suffix(".json")
+    entry = json.loads(entry_file.read_text())
+    bad = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\x00" * 64
+    shard.write_bytes(bad)
+    entry["sha256"] = hashlib.sha256(bad).hexdigest()   # the bytes are the recorded ones: only parsing fails
+    entry_file.write_text(json.dumps(entry))
+    with pytest.warns(UserWarning, match="not a readable safetensors file"):
+        b = cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=4)
+    assert b.computed == len(entry["ids"]) and torch.equal(b.masks, ref_masks)
+    assert verify_store(a.path) == (2, [])
+
+
 def test_shard_without_index_entry_is_ignored(ds, tmp_path):
     """A kill between writing a shard and its entry leaves a shard nobody trusts: it is recomputed."""
     enc = PoolEncoder().freeze()
@@ -91,18 +108,48 @@ def test_ranks_split_work_with_barrier(ds, tmp_path):
     assert torch.equal(out[0].levels[0], out[1].levels[0])
 
 
-def test_disk_full_while_caching(ds, tmp_path, monkeypatch):
+@pytest.mark.parametrize("what", ["shard", "entry"])
+def test_disk_full_half_way_while_caching(ds, tmp_path, monkeypatch, what):
+    """The disk fills up in the middle of a real write of a shard (or of its index entry, written after it):
+    a CacheError says so, nothing half-written is kept, and the next run computes what is missing."""
+    from fulldisk import disk_fills_after, leftovers
     enc = PoolEncoder().freeze()
-
-    def full(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(features, "write_atomic", full)
-    with pytest.raises(CacheError, match="disk is full.*--cache-dir"):
-        cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False)
+    first = cache_features(ds.subset(ds.ids[:3]), enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=3)
+    before = {p.name: p.read_bytes() for p in first.path.iterdir()}
+    budget = 500 if what == "shard" else 50
+    rec = disk_fills_after(monkeypatch, budget, nth=1 if what == "shard" else 2)   # shard, then its .json entry
+    with pytest.raises(CacheError, match="disk is full.*--cache-dir.*nothing half-written"):
+        cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=3)
+    assert rec["bytes_on_disk"] == budget and not rec["temp"].exists() and leftovers(tmp_path / "c") == []
+    after = {p.name: p.read_bytes() for p in first.path.iterdir()}
+    assert {k: after[k] for k in before} == before                    # the earlier shard and entry untouched
+    extra = sorted(set(after) - set(before))
+    if what == "shard":
+        assert extra == []
+    else:  # the new shard made it, its entry did not: such a shard is never read
+        assert len(extra) == 1 and extra[0].endswith(".safetensors")
     monkeypatch.undo()
-    store = features.store_dir(ds, enc, 64, 2, tmp_path / "c")
-    assert not list(store.glob("shard-*"))  # nothing half-written kept
-    assert not list(store.glob("*.tmp"))
+    again = cache_features(ds, enc, 64, cache_dir=tmp_path / "c", progress=False, shard_size=3)
+    assert again.computed == 4                                        # an entry-less shard is not trusted
+    ref = cache_features(ds, enc, 64, cache_dir=tmp_path / "fresh", progress=False, shard_size=3)
+    for x, y in zip(again.levels, ref.levels):
+        assert torch.equal(x[:], y[:])
+
+
+def test_disk_full_half_way_while_saving_text_embeddings(tmp_path, monkeypatch):
+    from conftest import HashText
+    from fulldisk import disk_fills_after, leftovers
+    enc = HashText()
+    first, _ = features.cached_text_embeddings(["cat", "dog"], "none", tmp_path, encoder=enc)
+    store = next((tmp_path / "text").glob("*.safetensors"))
+    old = store.read_bytes()
+    rec = disk_fills_after(monkeypatch, 64, target=store.name)
+    with pytest.raises(CacheError, match="disk is full"):
+        features.cached_text_embeddings(["cat", "dog", "sky"], "none", tmp_path, encoder=enc)
+    assert rec["bytes_on_disk"] == 64 and store.read_bytes() == old and leftovers(tmp_path) == []
+    monkeypatch.undo()
+    again, _ = features.cached_text_embeddings(["dog", "cat"], "none", tmp_path, encoder=enc)
+    assert torch.equal(again, first.flip(0))                          # the old store still reads
 
 
 def test_empty_dataset_is_an_error(ds, tmp_path):

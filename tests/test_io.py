@@ -319,3 +319,68 @@ def test_failed_write_keeps_old_file_and_removes_temp(tmp_path):
         save_png_atomic(Image.new("CMYK", (2, 2)), target)  # PNG cannot hold CMYK: fails mid-write
     assert target.read_bytes() == b"old"
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("writer", ["bytes", "text", "png"])
+def test_disk_full_half_way_keeps_old_file_and_removes_temp(tmp_path, monkeypatch, writer):
+    from fulldisk import disk_fills_after
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old contents")
+    rec = disk_fills_after(monkeypatch, 100)
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    with pytest.raises(OutputError, match=r"cannot write to .*out\.bin: the disk is full"):
+        {"bytes": lambda: write_bytes_atomic(b"x" * 5000, target),
+         "text": lambda: write_text_atomic("y" * 5000, target),
+         "png": lambda: save_png_atomic(noisy, target)}[writer]()
+    assert rec["bytes_on_disk"] == 100                      # the write really reached the disk, half-way
+    assert not rec["temp"].exists() and _leftovers(tmp_path) == []
+    assert target.read_bytes() == b"old contents"
+
+
+_FSIZE_PROBE = textwrap.dedent("""
+    import os, resource, signal, sys
+    from pathlib import Path
+    from fusionseg.data.io import OutputError, write_bytes_atomic
+    from fusionseg._atomic import write_atomic
+    folder = Path(sys.argv[1])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)           # the kernel then fails the write with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    for name, write in (("a.bin", lambda p: write_bytes_atomic(b"n" * 10000, p)),
+                        ("b.bin", lambda p: write_atomic(p, b"n" * 10000))):
+        try:
+            write(folder / name)
+            print(name, "written")
+        except (OSError, OutputError) as e:
+            print(name, type(e).__name__, str(e).replace(" ", "_"))
+""")
+
+
+def test_write_failed_by_the_kernel_half_way(tmp_path):
+    # A real short write: the process may not grow a file past 4 KiB, so the 10 kB write fails in the kernel.
+    for name in ("a.bin", "b.bin"):
+        (tmp_path / name).write_bytes(b"previous")
+    r = subprocess.run([sys.executable, "-c", _FSIZE_PROBE, str(tmp_path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.split("\n") if line)
+    assert lines["a.bin"].startswith("OutputError cannot_write_to") and "File_too_large" in lines["a.bin"]
+    assert lines["b.bin"].startswith("OSError") and "File_too_large" in lines["b.bin"]
+    for name in ("a.bin", "b.bin"):
+        assert (tmp_path / name).read_bytes() == b"previous"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_helper_syncs_file_and_folder_with_umask_permissions(tmp_path, monkeypatch):
+    import fusionseg._atomic as atomic
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    p = atomic.write_atomic(tmp_path / "s.json", lambda f: f.write(b"{}"))
+    assert p.read_bytes() == b"{}" and len(synced) == 2          # the file, then the folder after the rename
+    synced.clear()
+    write_bytes_atomic(b"1", tmp_path / "o.bin")
+    assert len(synced) == 1                                      # outputs: the file only (sync_folder=False)
+    assert (os.stat(p).st_mode & 0o777) == (0o666 & ~atomic._umask())
+    with pytest.raises(ZeroDivisionError):                       # the caller's own failure, unchanged
+        atomic.write_atomic(p, lambda f: (f.write(b"partial"), 1 / 0))
+    assert p.read_bytes() == b"{}" and _leftovers(tmp_path) == []

@@ -1,5 +1,4 @@
 """Exact resume after SIGKILL, atomic state files, a full disk, and refusing a resume with another config."""
-import errno
 import os
 import random
 import signal
@@ -90,30 +89,38 @@ def tiny_cfg(data, tmp_path, **kw):
     return TrainConfig(**base)
 
 
-def test_disk_full_keeps_previous_state(tmp_path, monkeypatch):
+@pytest.mark.parametrize("victim", ["state.pt", "step4.safetensors"])
+def test_disk_full_keeps_previous_state(tmp_path, monkeypatch, victim):
+    """The disk fills up half-way through the real write of the step-4 training state (or the step-4 checkpoint,
+    written just before it): one clear error, the step-2 files byte for byte as they were, no temp file, and
+    the run resumes from step 2."""
+    from fulldisk import disk_fills_after, leftovers
     data = make_shapes_dataset(tmp_path / "shapes", n=6, size=64)
-    real = train_mod.write_atomic
-    calls = {"n": 0}
+    run = tmp_path / "run"
+    snap = {}
+    real_save_state = train_mod.save_state
 
-    def flaky(path, payload):
-        if Path(path).name == "state.pt":
-            calls["n"] += 1
-            if calls["n"] == 2:  # the second state write (step 4) hits a full disk half-way
-                tmp = Path(path).with_suffix(".partial")
-                tmp.write_bytes(payload[: len(payload) // 2])
-                tmp.unlink()
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, payload)
+    def save_state(path, state):  # remember the step-2 files as they were on disk (the writers run unchanged)
+        real_save_state(path, state)
+        if state["step"] == 2:
+            snap.update({p.name: p.read_bytes() for p in (run / "state.pt", run / "step2.safetensors")})
 
-    monkeypatch.setattr(train_mod, "write_atomic", flaky)
-    with pytest.raises(CheckpointWriteError, match="disk is full.*previous checkpoint is intact"):
+    monkeypatch.setattr(train_mod, "save_state", save_state)
+    rec = disk_fills_after(monkeypatch, 1000, target=victim, nth=2 if victim == "state.pt" else 1)
+    what = "training state" if victim == "state.pt" else "checkpoint"
+    with pytest.raises(CheckpointWriteError, match=f"could not write (the )?{what} .*{victim}: the disk is full; "
+                                                   "the previous checkpoint is intact"):
         train(tiny_cfg(data, tmp_path))
-    st = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
-    assert st["step"] == 2
+    assert rec["bytes_on_disk"] == 1000 and not rec["temp"].exists() and leftovers(tmp_path) == []
+    assert {n: (run / n).read_bytes() for n in snap} == snap and len(snap) == 2
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 2
+    assert (run / "step4.safetensors").exists() == (victim == "state.pt")   # written before the state, if at all
+    if victim != "state.pt":
+        return  # the files are those of the state.pt case, which goes on to resume
     # and the run resumes from it
-    monkeypatch.setattr(train_mod, "write_atomic", real)
+    monkeypatch.undo()
     final = train(tiny_cfg(data, tmp_path, resume=True))
-    assert final.is_file() and torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 6
+    assert final.is_file() and torch.load(run / "state.pt", weights_only=True)["step"] == 6
 
 
 def test_resume_with_other_config_is_refused(tmp_path):

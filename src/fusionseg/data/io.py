@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import threading
 import zlib
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .._atomic import write_atomic, write_failure_reason
 
 __all__ = ["ImageError", "OutputError", "load_image", "load_image_with_size", "save_png_atomic",
            "write_text_atomic", "write_bytes_atomic", "DEFAULT_MAX_PIXELS"]
@@ -319,32 +320,13 @@ def _shrink(img: Image.Image, max_side: int | None) -> Image.Image:
 
 
 # --------------------------------------------------------------------------------------------------- writing
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    m = os.umask(0o022)
-    os.umask(m)
-    return m
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write through ``write(f)`` into a temp file beside ``path``, fsync, then ``os.replace`` it over ``path``.
-
-    Readers see either the old file or the complete new one. On any failure the temp file is removed;
-    ``OSError``\\ s become :class:`OutputError` naming ``path``.
-    """
+    """:func:`fusionseg._atomic.write_atomic` through ``write(f)`` (temp file, fsync, rename), creating missing
+    folders; ``OSError``\\ s become :class:`OutputError` naming ``path``. Readers see either the old file or the
+    complete new one; on any failure the temp file is removed."""
     path = Path(os.fspath(path))
     name = str(path)
     parent = path.parent
-    tmp: str | None = None
     try:
         if path.is_dir():
             raise OutputError(f"cannot write to {name}: it is a folder")
@@ -352,36 +334,13 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
             parent.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
             raise OutputError(f"cannot write to {name}: {parent} is a file, not a folder") from None
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        with os.fdopen(fd, "wb") as f:
-            try:
-                os.fchmod(f.fileno(), _FILE_MODE)
-            except (OSError, AttributeError):
-                pass
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        return path
+        return write_atomic(path, write, sync_folder=False)  # outputs: atomic, without the folder's fsync
     except OSError as e:
-        if isinstance(e, NotADirectoryError):
-            why = "a parent of it is a file, not a folder"
-        elif isinstance(e, PermissionError):
-            why = "permission denied"
-        else:
-            why = e.strerror or _reason(e)
-        raise OutputError(f"cannot write to {name}: {why}") from e
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        raise OutputError(f"cannot write to {name}: {write_failure_reason(e)}") from e
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
     return _atomic_write(path, lambda f: f.write(data))
 
 

@@ -8,8 +8,6 @@ The frozen encoders are not stored: they are rebuilt by name and their fingerpri
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,9 @@ try:
     from safetensors import SafetensorError as SafetensorsError
 except ImportError:  # older releases
     SafetensorsError = Exception  # type: ignore[misc,assignment]
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .._atomic import write_atomic
 from ..encoders.base import EncoderSpec, ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
 from .fusioner import FusionHead, Fusioner, FusionerConfig
 
@@ -33,7 +32,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, head: FusionHead, image_spec: EncoderSpec, text_spec: EncoderSpec,
                     meta: dict[str, Any] | None = None, half: bool = False) -> Path:
-    """Write weights + metadata atomically (temp file + rename). ``half`` stores fp16 weights."""
+    """Write weights + metadata atomically (:func:`fusionseg._atomic.write_atomic`: temp file, fsync, rename; a
+    failure leaves any previous ``path`` as it was). ``half`` stores fp16 weights."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "config": head.cfg.to_dict(), "image_encoder": image_spec.to_dict(),
@@ -41,15 +41,7 @@ def save_checkpoint(path: str | Path, head: FusionHead, image_spec: EncoderSpec,
     header.update(meta or {})
     tensors = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous().cpu()
                for k, v in head.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"fusionseg": json.dumps(header)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, save(tensors, metadata={"fusionseg": json.dumps(header)}))
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
