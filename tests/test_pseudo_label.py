@@ -165,3 +165,19 @@ def test_train_excludes_through_synonyms_and_trains_with_them(tmp_path):
                             exclude_classes=["animal"]))
     _, meta = load_model(run)
     assert "thing2" not in meta["training"]["vocabulary"] and "square" in meta["training"]["vocabulary"]
+
+
+def test_model_teacher_labels_with_its_training_names(tmp_path):
+    """A trained model as the teacher (self-training rounds): its vocabulary by default, sigmoid scores."""
+    from conftest import train_tiny
+    from fusionseg.engine.teachers import ModelTeacher
+    from fusionseg.segmenter import Segmenter
+    ckpt, ds = train_tiny(tmp_path, n=4, steps=10)
+    seg = Segmenter.from_pretrained(ckpt, device="cpu", mode="fusion")
+    t = ModelTeacher(seg)
+    assert t.names == ["square", "disc"] and t.describe()["kind"] == "model"
+    img = Image.open(next((ds / "images").iterdir())).convert("RGB")
+    p = t.probabilities(img)
+    assert p.shape[0] == 2 and float(p.min()) >= 0 and float(p.max()) <= 1
+    expect = seg.logits_from(seg.encode(img), ["square", "disc"]).sigmoid()
+    assert torch.allclose(p, expect)
