@@ -16,17 +16,14 @@ stays real with the cache; the no-cache path takes the same crops in pixel space
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import io
 import json
 import math
 import os
 import random
 import time
-import tomllib
-import typing
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,13 +33,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data.datasets import IGNORE, DatasetError, FolderDataset, Sample, normalize_name, split_ids
-from ..data.features import DEFAULT_SHARD_SIZE, RowTable, cache_features, cached_text_embeddings, write_atomic
+from ..data.features import RowTable, cache_features, cached_text_embeddings, write_atomic
 from ..data.transforms import prepare_training_pair
 from ..encoders.base import EncoderError, build_image_encoder
 from ..encoders.templates import resolve_templates
-from ..choices import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from ..model.checkpoint import save_checkpoint
-from ..model.fusioner import DEFAULT_PRESET, FusionerConfig, FusionHead
+from ..model.fusioner import FusionerConfig, FusionHead
+from .config import (RUNTIME_KEYS, TrainConfig, config_differences, config_keys, dump_config,  # noqa: F401
+                     load_config_file, make_config, parse_set)
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.toml"
@@ -54,193 +52,6 @@ class TrainError(RuntimeError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint or state file could not be written; the previous one is intact."""
-
-
-@dataclass
-class TrainConfig:
-    data: list[str]
-    out: str
-    image_encoder: str = DEFAULT_IMAGE_ENCODER
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    preset: str = DEFAULT_PRESET
-    steps: int = 3000
-    batch_size: int = 16              # global batch (split evenly over torchrun ranks)
-    lr: float = 4e-4
-    weight_decay: float = 0.05        # AdamW, on weight matrices / conv kernels only (not norms, biases)
-    warmup: int = 150                 # linear warm-up steps, then cosine decay to 0
-    size: int = 320
-    scales: list[int] | None = None   # cached scales sampled per batch; default: 0.8x, 1x, 1.2x size (>= 160 px)
-    max_classes: int = 24
-    val_fraction: float = 0.15
-    holdout: list[str] = field(default_factory=list)  # image ids always kept out of training
-    exclude_classes: list[str] = field(default_factory=list)
-    fold: int | None = None           # for pascal5i:ROOT / coco20i:ROOT data: train on this fold's base classes
-    templates: str = "default"
-    checkpoint_every: int = 1000
-    seed: int = 0
-    device: str = "cpu"
-    amp: bool = True                  # bf16 autocast on CUDA
-    cache_dir: str | None = None
-    cache: bool = True                # False: run the frozen image encoder every step on the same crops
-    shard_size: int = DEFAULT_SHARD_SIZE
-    workers: int = 0                  # DataLoader workers feeding the no-cache path
-    compile: bool = False             # torch.compile the trainable head (GPU; off on CPU)
-    clip_grad: float = 1.0
-    max_bad_steps: int = 10           # stop after this many non-finite losses in a row
-    loss_stride: int = 4
-    fusion: bool = True
-    pos_embed: str = "none"
-    bridge_prior: bool = False  # the bridge's per-class map as a model input (model/prior.py)
-    name_dropout: float = 0.5   # with bridge_prior: share of a batch's classes given the unknown-name token
-    log_every: int = 50
-    resume: bool | str = False        # True: continue OUT/state.pt; a folder: continue that run
-    progress: bool = True
-
-
-#: Keys that may differ between a run and its resumption (where and how it runs, not what it learns).
-RUNTIME_KEYS = frozenset({"out", "resume", "progress", "device", "cache_dir", "checkpoint_every", "steps",
-                          "workers", "compile", "log_every", "shard_size", "cache"})
-
-
-# ------------------------------------------------------------------------------------------------ config files
-def config_keys() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
-def _closest(key: str) -> str:
-    m = difflib.get_close_matches(key, config_keys(), n=1, cutoff=0.4)
-    return f"; did you mean '{m[0]}'?" if m else f"; valid keys: {', '.join(config_keys())}"
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """A config value converted to the field's type, or ValueError naming the key."""
-    hint = typing.get_type_hints(TrainConfig)[key]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"config key '{key}' cannot be empty")
-    base = [a for a in args if a is not type(None)] if args and typing.get_origin(hint) is not list else [hint]
-    if key == "resume":
-        return value if isinstance(value, (bool, str)) else str(value)
-    t = base[0]
-    origin = typing.get_origin(t)
-    try:
-        if origin is list:
-            inner = typing.get_args(t)[0]
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list):
-                raise TypeError
-            if inner is int and any(isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in value):
-                raise TypeError
-            return [inner(v) for v in value]
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            raise TypeError
-        if t is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if t is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if t is str:
-            if isinstance(value, (dict, list)):
-                raise TypeError
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    raise ValueError(f"config key '{key}' must be {getattr(hint, '__name__', None) or str(hint)}, got {value!r}")
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML recipe: flat ``key = value`` pairs named like :class:`TrainConfig`'s fields (tables such as
-    ``[optim]`` are flattened: their keys are the same names). Unknown keys raise ValueError naming the closest."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"config file not found: {p}")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{p} is not valid TOML: {e}") from None
-    flat: dict[str, Any] = {}
-    for k, v in raw.items():
-        items = v.items() if isinstance(v, dict) else [(k, v)]
-        for kk, vv in items:
-            if kk not in config_keys():
-                raise ValueError(f"unknown config key '{kk}' in {p}{_closest(kk)}")
-            flat[kk] = _coerce(kk, vv)
-    return flat
-
-
-def parse_set(item: str) -> tuple[str, Any]:
-    """``key=value`` from ``--set``; the value is read as TOML (``lr=1e-3``, ``scales=[192,224]``,
-    ``amp=false``) and falls back to a plain string (``image_encoder=hf:facebook/dino-vits16``)."""
-    if "=" not in item:
-        raise ValueError(f"--set expects key=value, got {item!r}")
-    key, _, text = item.partition("=")
-    key = key.strip()
-    if key not in config_keys():
-        raise ValueError(f"unknown config key '{key}' in --set{_closest(key)}")
-    text = text.strip()
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    return key, _coerce(key, value)
-
-
-def make_config(values: dict[str, Any]) -> TrainConfig:
-    """A :class:`TrainConfig` from merged key/value pairs (defaults for the rest); needs ``data`` and ``out``."""
-    for k in values:
-        if k not in config_keys():
-            raise ValueError(f"unknown config key '{k}'{_closest(k)}")
-    missing = [k for k in ("data", "out") if not values.get(k)]
-    if missing:
-        raise ValueError(f"no {' and no '.join(missing)} given: pass --{missing[0]} or set it in the config file")
-    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
-
-
-def dump_config(cfg: TrainConfig | dict) -> str:
-    """The resolved config as TOML (``None`` values left out: they mean the default)."""
-    d = asdict(cfg) if isinstance(cfg, TrainConfig) else dict(cfg)
-    lines = ["# resolved training config (fusionseg train --config this-file reproduces the run)"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in d.items() if v is not None]
-    return "\n".join(lines) + "\n"
-
-
-def _comparable(d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        if k in RUNTIME_KEYS:
-            continue
-        if k == "data":
-            v = [x if ":" in str(x) and not Path(x).exists() else str(Path(x).resolve()) for x in v]
-        out[k] = v
-    return out
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys (not runtime-only ones) whose values differ between two resolved configs, as 'key (a -> b)'."""
-    a, b = _comparable(saved), _comparable(current)
-    keys = sorted(set(a) | set(b))
-    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
 
 
 # ------------------------------------------------------------------------------------------------ datasets
