@@ -10,7 +10,7 @@ A store is keyed by the encoder fingerprint and the (dataset, size, views); insi
 exactly one shard, so any subset of a dataset (the training split, the validation split, a rank's share)
 reads the shards that hold its ids and computes only the ids no shard holds. Views are the original and the
 horizontally flipped image (``views=2``); scale jitter is a separate store per training size, and crops are
-taken on the cached grid at training time (``engine.train.sample_batch``), so augmentation stays real.
+taken on the cached grid at training time (``engine.sampling.gather_batch``), so augmentation stays real.
 
 Integrity: a shard is written to a temporary file, fsynced and renamed, and only then is its ``.json`` entry
 written (same way). A shard without an entry (a kill mid-write) is ignored and recomputed; a shard whose bytes

@@ -22,25 +22,25 @@ import math
 import os
 import random
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data.datasets import IGNORE, DatasetError, FolderDataset, Sample, normalize_name, split_ids
+from ..data.datasets import IGNORE, DatasetError, normalize_name, split_ids
 from ..data.features import RowTable, cache_features, cached_text_embeddings, write_atomic
-from ..data.transforms import prepare_training_pair
 from ..encoders.base import EncoderError, build_image_encoder
 from ..encoders.templates import resolve_templates
 from ..model.checkpoint import save_checkpoint
 from ..model.fusioner import FusionerConfig, FusionHead
 from .config import (RUNTIME_KEYS, TrainConfig, config_differences, config_keys, dump_config,  # noqa: F401
                      load_config_file, make_config, parse_set)
+from .sampling import (BenchmarkSplit, Plan, _global_masks, _mask_lut, _Pool, _UncachedSteps,  # noqa: F401
+                       build_vocabulary, choose_classes, default_scales, gather_batch, make_step_plan, open_datasets,
+                       plan_batch, step_rng)
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.toml"
@@ -52,207 +52,6 @@ class TrainError(RuntimeError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint or state file could not be written; the previous one is intact."""
-
-
-# ------------------------------------------------------------------------------------------------ datasets
-class BenchmarkSplit:
-    """The training split of a PASCAL-5i / COCO-20i fold (novel classes ignored) in the shape training reads."""
-
-    every_pixel_labelled = False
-
-    def __init__(self, base, ids: Sequence[str] | None = None):
-        import copy
-        self.base = base
-        self.ids = list(base.ids if ids is None else ids)
-        self.root = Path(base.root)
-        self.name = base.name
-        self.class_names = tuple(base.class_names)
-        self.novel_as_ignore = getattr(base, "novel_as_ignore", None)
-        self.fold = getattr(base, "fold", None)
-        self.novel_names = [base.class_names[c - 1] for c in getattr(base, "novel_classes", [])]
-        self._view = copy.copy(base)
-        self._view.ids = self.ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> Sample:
-        return self._view[i]
-
-    def subset(self, ids: Sequence[str]) -> "BenchmarkSplit":
-        return BenchmarkSplit(self.base, ids)
-
-
-def open_datasets(paths: Sequence[str], fold: int | None = None) -> list:
-    """Folder datasets, or ``pascal5i:ROOT`` / ``coco20i:ROOT`` (the fold's ``trn`` split: base classes only)."""
-    if not paths:
-        raise DatasetError("give at least one --data folder")
-    out = []
-    for p in paths:
-        prefix = str(p).partition(":")[0].lower()
-        if prefix in ("pascal5i", "coco20i") and not Path(p).exists():
-            from ..data.benchmarks import open_dataset
-            if fold is None:
-                raise DatasetError(f"{p}: training on {prefix} needs a fold: set fold = 0..3 in the config "
-                                   f"(or --set fold=0); its novel classes are left out of training")
-            with warnings.catch_warnings():
-                warnings.simplefilter("default")
-                out.append(BenchmarkSplit(open_dataset(p, fold=fold, split="trn")))
-        elif prefix in ("fss1000", "mosaic4") and not Path(p).exists():
-            raise DatasetError(f"{p}: {prefix} is an evaluation benchmark; train on folder datasets, pascal5i:ROOT "
-                               f"or coco20i:ROOT")
-        else:
-            out.append(FolderDataset(p))
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ pieces
-class _Pool:
-    """The cached training features of one scale, every dataset's rows one after another, with masks read as
-    global vocabulary ids (int16, -1 ignore). ``levels`` and ``masks`` are :class:`RowTable` over the
-    memory-mapped shards (or plain tensors): indexing ``[i, v, ...]`` reads one image's view, nothing is
-    concatenated in memory."""
-
-    def __init__(self, feats, masks_global, known: torch.Tensor, size: int):
-        self.size = size               # images were resized (longer side) and padded to size x size
-        self.levels = feats            # list of (N, V, C, h, w) fp16
-        self.masks = masks_global      # (N, V, S, S) int16: -1 ignore, 0 none, g+1 = vocab[g]
-        self.known = known             # (N, G) bool: which vocabulary names the image's dataset annotates
-
-
-def build_vocabulary(datasets: Sequence, exclude: Sequence[str] = ()) -> tuple[list[str], list[list[int]], list[str]]:
-    """Global vocabulary (normalised names, first spelling kept) and, per dataset, local index -> global index
-    (-1 for excluded). Returns (vocab, maps, excluded names that no dataset has)."""
-    excl = {normalize_name(n) for n in exclude if n.strip()}
-    vocab: list[str] = []
-    index: dict[str, int] = {}
-    maps = []
-    seen_excl = set()
-    for ds in datasets:
-        m = []
-        for name in ds.class_names:
-            key = normalize_name(name)
-            if key in excl:
-                seen_excl.add(key)
-                m.append(-1)
-                continue
-            if key not in index:
-                index[key] = len(vocab)
-                vocab.append(key)
-            m.append(index[key])
-        maps.append(m)
-    return vocab, maps, sorted(excl - seen_excl)
-
-
-def _mask_lut(lmap: list[int]) -> torch.Tensor:
-    """Dataset-local mask value -> global id (int16): 0 stays 0, class k -> vocab index + 1, excluded and
-    unknown values -> -1 (ignore)."""
-    lut = torch.full((256,), -1, dtype=torch.int16)
-    lut[0] = 0
-    for k, g in enumerate(lmap, start=1):
-        lut[k] = g + 1 if g >= 0 else -1  # excluded classes become ignore
-    return lut
-
-
-def _global_masks(local: torch.Tensor, lmap: list[int]) -> torch.Tensor:
-    return _mask_lut(lmap)[local.long()]
-
-
-def default_scales(size: int, multiple: int = 32) -> list[int]:
-    """0.8x, 1x and 1.2x the training size on the encoder's grid (32 px for CNNs, the patch for ViTs; just
-    ``size`` below 160 px)."""
-    if size < 160:
-        return [size]
-    return sorted({int(size * 0.8) // multiple * multiple, size, -(-int(size * 1.2) // multiple) * multiple})
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to 0 at ``cfg.steps``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-@dataclass
-class Plan:
-    """One global batch: scale index, crop side ``k`` in tokens, and per row (image, view, token offset)."""
-
-    scale: int
-    k: int
-    idx: list[int]
-    views: list[int]
-    offs: list[tuple[int, int]]
-
-
-def step_rng(seed: int, step: int, what: str = "batch") -> random.Random:
-    """The generator of one step's draws: a function of (seed, step) only (resume- and rank-independent)."""
-    return random.Random(f"{seed}:{step}:{what}")
-
-
-def plan_batch(rng: random.Random, n: int, views: int, grid: int, top: int, batch_size: int) -> Plan:
-    """Random images, views and a random crop of the token grid (crop side between 0.7x ``top`` and ``top``
-    tokens, at most the grid, so larger scales give zoomed-in crops)."""
-    top = min(grid, max(2, top))
-    k = rng.randint(max(2, int(top * 0.7)), top)
-    idx = [rng.randrange(n) for _ in range(batch_size)]
-    vis = [rng.randrange(views) for _ in idx]
-    offs = [(rng.randint(0, grid - k), rng.randint(0, grid - k)) for _ in idx]
-    return Plan(0, k, idx, vis, offs)
-
-
-def gather_batch(pool: _Pool, plan: Plan, rows: Sequence[int], token_stride: int):
-    """Cached crops of ``rows`` of a plan -> (levels [(b, C, k*f, k*f)], masks (b, k*s, k*s) int16, known (b, G))."""
-    grid = pool.size // token_stride
-    k = plan.k
-    sel = [(plan.idx[r], plan.views[r], plan.offs[r]) for r in rows]
-    out_levels = []
-    for lv in pool.levels:
-        f = lv.shape[-1] // grid  # cells of this level per token
-        out_levels.append(torch.stack([lv[i, v, :, oy * f:(oy + k) * f, ox * f:(ox + k) * f] for i, v, (oy, ox) in sel]))
-    px = token_stride
-    masks = torch.stack([pool.masks[i, v, oy * px:(oy + k) * px, ox * px:(ox + k) * px] for i, v, (oy, ox) in sel])
-    known = pool.known[[i for i, _, _ in sel]]
-    return out_levels, masks, known
-
-
-def choose_classes(present: Sequence[int], annotated: Sequence[int], rng: random.Random, max_classes: int) -> list[int]:
-    """Every class present in the batch (shuffled, at most ``max_classes``), then negatives that the batch's
-    datasets annotate, up to ``max_classes``."""
-    present = list(present)
-    rng.shuffle(present)
-    chosen = present[:max_classes]
-    taken = set(chosen)
-    rest = [c for c in annotated if c not in taken]
-    rng.shuffle(rest)
-    return chosen + rest[: max(0, max_classes - len(chosen))]
-
-
-def sample_batch(pool: _Pool, cfg: TrainConfig, rng: random.Random, token_stride: int):
-    """One process's batch from one pool (kept for scripts): -> (levels, masks, known, classes)."""
-    n, views = pool.masks.shape[:2]
-    plan = plan_batch(rng, n, views, pool.size // token_stride, cfg.size // token_stride, cfg.batch_size)
-    levels, masks, known = gather_batch(pool, plan, range(cfg.batch_size), token_stride)
-    present = (torch.unique(masks[masks > 0]).long() - 1).tolist()
-    annotated = torch.nonzero(known.any(0)).flatten().tolist()
-    return levels, masks, known, choose_classes(present, annotated, rng, cfg.max_classes)
-
-
-def bce_terms(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, classes: list[int], stride: int):
-    """Per-class BCE as (sum over valid (pixel, class) pairs, their count). Shapes as :func:`bce_loss`."""
-    m = masks[:, stride // 2::stride, stride // 2::stride].long()
-    logits = F.interpolate(logits.float(), size=m.shape[-2:], mode="bilinear", align_corners=False)
-    cls = torch.tensor(classes, device=m.device) + 1
-    target = (m[:, None] == cls[None, :, None, None]).float()
-    valid = (m >= 0)[:, None] & known[:, classes][:, :, None, None]
-    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return (loss * valid).sum(), valid.sum()
-
-
-def bce_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, classes: list[int], stride: int) -> torch.Tensor:
-    """Per-class BCE. logits ``(B, N, h, w)``, masks ``(B, S, S)`` int16 global ids (-1 ignore), known ``(B, G)``."""
-    s, c = bce_terms(logits, masks, known, classes, stride)
-    return s / c.clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -469,48 +268,25 @@ def build_encoder_for_training(name: str, kind: str = "image"):
         raise EncoderError(msg) from None
 
 
-# ------------------------------------------------------------------------------------------------ no-cache batches
-class _UncachedSteps(torch.utils.data.Dataset):
-    """Step ``s`` -> this rank's rows of step ``s``'s plan as pixels: (scale index, crops (b, 3, k*t, k*t)
-    normalised, masks (b, k*t, k*t) int16 global ids, known (b, G)). Images are resized/padded exactly as the
-    cache does, flipped for view 1, then cropped: the same crops the cached path takes on the feature grid."""
-
-    def __init__(self, sets: list, maps: list, n_vocab: int, scales: list[int], cfg: TrainConfig, token_stride: int,
-                 mean, std, rows: Sequence[int]):
-        self.sets, self.maps, self.n_vocab = sets, maps, n_vocab
-        self.scales, self.cfg, self.ts, self.mean, self.std = scales, cfg, token_stride, mean, std
-        self.rows = list(rows)
-        self.offsets = np.cumsum([0] + [len(s) for s in sets])
-
-    def __len__(self) -> int:
-        return self.cfg.steps
-
-    def __getitem__(self, step: int):
-        plan = make_step_plan(step, self.cfg, int(self.offsets[-1]), self.scales, self.ts)
-        sc = self.scales[plan.scale]
-        px, k = self.ts, plan.k
-        xs, ms, kn = [], [], []
-        for r in self.rows:
-            i, v, (oy, ox) = plan.idx[r], plan.views[r], plan.offs[r]
-            d = int(np.searchsorted(self.offsets, i, side="right") - 1)
-            s = self.sets[d][i - int(self.offsets[d])]
-            x, m = prepare_training_pair(s.image, s.mask, sc, self.mean, self.std)
-            if v:
-                x, m = x.flip(-1), m.flip(-1)
-            xs.append(x[:, oy * px:(oy + k) * px, ox * px:(ox + k) * px])
-            ms.append(_global_masks(m[oy * px:(oy + k) * px, ox * px:(ox + k) * px], self.maps[d]))
-            row = torch.zeros(self.n_vocab, dtype=torch.bool)
-            row[[g for g in self.maps[d] if g >= 0]] = True
-            kn.append(row)
-        return plan.scale, torch.stack(xs), torch.stack(ms), torch.stack(kn)
+# ------------------------------------------------------------------------------------------------ loss and schedule
+def bce_terms(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, classes: list[int], stride: int):
+    """Per-class BCE as (sum over valid (pixel, class) pairs, their count). logits ``(B, N, h, w)``, masks
+    ``(B, S, S)`` int16 global ids (-1 ignore), known ``(B, G)``; ``masks`` sampled every ``stride`` px."""
+    m = masks[:, stride // 2::stride, stride // 2::stride].long()
+    logits = F.interpolate(logits.float(), size=m.shape[-2:], mode="bilinear", align_corners=False)
+    cls = torch.tensor(classes, device=m.device) + 1
+    target = (m[:, None] == cls[None, :, None, None]).float()
+    valid = (m >= 0)[:, None] & known[:, classes][:, :, None, None]
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (loss * valid).sum(), valid.sum()
 
 
-def make_step_plan(step: int, cfg: TrainConfig, n: int, scales: list[int], token_stride: int) -> Plan:
-    rng = step_rng(cfg.seed, step)
-    si = rng.randrange(len(scales))
-    plan = plan_batch(rng, n, 2, scales[si] // token_stride, cfg.size // token_stride, cfg.batch_size)
-    plan.scale = si
-    return plan
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to 0 at ``cfg.steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 # ------------------------------------------------------------------------------------------------ training
