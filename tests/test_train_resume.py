@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import fusionseg.engine.train as train_mod
-from fusionseg.engine.train import CheckpointWriteError, TrainConfig, train
+import fusionseg.engine.state as state_mod
+from fusionseg.engine.config import TrainConfig
+from fusionseg.engine.state import CheckpointWriteError
+from fusionseg.engine.train import train
 
 from conftest import REPO, make_shapes_dataset
 
@@ -92,7 +94,7 @@ def tiny_cfg(data, tmp_path, **kw):
 
 def test_disk_full_keeps_previous_state(tmp_path, monkeypatch):
     data = make_shapes_dataset(tmp_path / "shapes", n=6, size=64)
-    real = train_mod.write_atomic
+    real = state_mod.write_atomic
     calls = {"n": 0}
 
     def flaky(path, payload):
@@ -105,13 +107,13 @@ def test_disk_full_keeps_previous_state(tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, payload)
 
-    monkeypatch.setattr(train_mod, "write_atomic", flaky)
+    monkeypatch.setattr(state_mod, "write_atomic", flaky)
     with pytest.raises(CheckpointWriteError, match="disk is full.*previous checkpoint is intact"):
         train(tiny_cfg(data, tmp_path))
     st = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
     assert st["step"] == 2
     # and the run resumes from it
-    monkeypatch.setattr(train_mod, "write_atomic", real)
+    monkeypatch.setattr(state_mod, "write_atomic", real)
     final = train(tiny_cfg(data, tmp_path, resume=True))
     assert final.is_file() and torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 6
 

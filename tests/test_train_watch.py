@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 import fusionseg.engine.train as train_mod
-from fusionseg.engine.train import TrainConfig, TrainError, plot_metrics, train
+from fusionseg.engine.config import TrainConfig
+from fusionseg.engine.plots import plot_metrics
+from fusionseg.engine.train import TrainError, train
 
 from conftest import make_shapes_dataset
 

@@ -16,7 +16,6 @@ stays real with the cache; the no-cache path takes the same crops in pixel space
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -32,26 +31,24 @@ from tqdm import tqdm
 
 from ..data.datasets import IGNORE, DatasetError, normalize_name, split_ids
 from ..data.features import RowTable, cache_features, cached_text_embeddings, write_atomic
-from ..encoders.base import EncoderError, build_image_encoder
+from ..encoders.base import EncoderError
 from ..encoders.templates import resolve_templates
-from ..model.checkpoint import save_checkpoint
 from ..model.fusioner import FusionerConfig, FusionHead
 from .config import (RUNTIME_KEYS, TrainConfig, config_differences, config_keys, dump_config,  # noqa: F401
                      load_config_file, make_config, parse_set)
 from .sampling import (BenchmarkSplit, Plan, _global_masks, _mask_lut, _Pool, _UncachedSteps,  # noqa: F401
                        build_vocabulary, choose_classes, default_scales, gather_batch, make_step_plan, open_datasets,
                        plan_batch, step_rng)
+from .encoders import build_encoder_for_training, with_offline_hint
+from .plots import plot_metrics
+from .state import (STATE_FILE, CheckpointWriteError, load_state, rng_states, save_state,  # noqa: F401
+                    set_rng_states, write_checkpoint)
 
-STATE_FILE = "state.pt"
 CONFIG_FILE = "config.toml"
 
 
 class TrainError(RuntimeError):
     """A run that cannot go on (non-finite losses, a checkpoint that cannot be written): says why and what to do."""
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint or state file could not be written; the previous one is intact."""
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -139,133 +136,6 @@ def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tenso
                         "per_class": {n: (round(v, 4) if v == v else None) for n, v in zip(ds.class_names, per)}}
     head.train(was_training)
     return out
-
-
-# ------------------------------------------------------------------------------------------------ state files
-def _rng_states() -> dict:
-    st = np.random.get_state()
-    out = {"python": json.dumps(random.getstate()), "torch": torch.get_rng_state(),
-           "numpy": [st[0], torch.from_numpy(np.asarray(st[1]).astype(np.int64)), int(st[2]), int(st[3]), float(st[4])]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_states(st: dict) -> None:
-    py = json.loads(st["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(st["torch"])
-    n = st["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_state(path: Path, state: dict) -> None:
-    """``torch.save`` to memory, then an atomic write (temp file + fsync + rename): a kill or a full disk during
-    the write leaves the previous state file as it was. Raises :class:`CheckpointWriteError`."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    try:
-        write_atomic(path, buf.getvalue())
-    except OSError as e:
-        reason = "the disk is full" if e.errno == 28 else (e.strerror or str(e))
-        err = CheckpointWriteError(f"could not write the training state {path}: {reason}; the previous "
-                                   f"checkpoint is intact; free space and resume with --resume")
-        err.errno = e.errno
-        raise err from None
-
-
-def load_state(path: Path, device) -> dict:
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path} is not a readable training state ({type(e).__name__}); it was not written by this "
-                         f"version, or it is damaged") from None
-
-
-# ------------------------------------------------------------------------------------------------ plot
-def plot_metrics(log_path: str | Path, png_path: str | Path, width: int = 900, height: int = 620) -> Path | None:
-    """Training loss and validation mIoU against step, from ``log.jsonl``, as a PNG (Pillow only)."""
-    from PIL import Image, ImageDraw
-    rows = []
-    p = Path(log_path)
-    if not p.is_file():
-        return None
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    loss = {r["step"]: r["loss"] for r in rows if "loss" in r}            # a resumed run's rows replace old ones
-    val = {r["step"]: r["val_mean"] for r in rows if r.get("val_mean") is not None}
-    if not loss and not val:
-        return None
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    steps_all = sorted(set(loss) | set(val))
-    x0, x1 = 70, width - 25
-    xmax = max(steps_all[-1], 1)
-
-    def panel(top: int, bottom: int, series: dict, title: str, colour, ylo=None, yhi=None) -> None:
-        d.rectangle([x0, top, x1, bottom], outline="black")
-        d.text((x0, top - 16), title, fill="black")
-        if not series:
-            d.text((x0 + 10, top + 10), "no values yet", fill="grey")
-            return
-        xs, ys = zip(*sorted(series.items()))
-        lo = min(ys) if ylo is None else ylo
-        hi = max(ys) if yhi is None else yhi
-        if hi - lo < 1e-9:
-            hi = lo + 1.0
-        for t in range(5):  # y ticks and grid
-            v = lo + (hi - lo) * t / 4
-            y = bottom - (bottom - top) * t / 4
-            d.line([x0, y, x1, y], fill=(225, 225, 225))
-            d.text((5, y - 6), f"{v:.3g}", fill="black")
-        for t in range(6):  # x ticks
-            v = xmax * t / 5
-            x = x0 + (x1 - x0) * t / 5
-            d.line([x, bottom, x, bottom + 4], fill="black")
-            d.text((x - 12, bottom + 6), f"{int(v)}", fill="black")
-        pts = [(x0 + (x1 - x0) * x / xmax, bottom - (bottom - top) * (y - lo) / (hi - lo)) for x, y in zip(xs, ys)]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        for x, y in pts if len(pts) < 60 else pts[-1:]:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        d.rectangle([x0, top, x1, bottom], outline="black")  # the frame over the grid lines
-
-    mid = height // 2
-    panel(30, mid - 30, loss, "training loss (EMA) vs step", (200, 40, 40))
-    panel(mid + 20, height - 30, val, "validation mIoU (mean over datasets) vs step", (30, 90, 200), 0.0,
-          max(1e-3, max(val.values())) if val else None)
-    d.text((x1 - 30, height - 16), "step", fill="black")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    write_atomic(Path(png_path), buf.getvalue())
-    return Path(png_path)
-
-
-# ------------------------------------------------------------------------------------------------ encoders
-def _offline_hint(name: str, kind: str) -> str:
-    ref = name[3:] if name.startswith("hf:") else name
-    return (f"; to train offline, download it once with `huggingface-cli download {ref}` (stored under $HF_HOME, "
-            f"default ~/.cache/huggingface; then set HF_HUB_OFFLINE=1) or point {kind}_encoder at a local folder: "
-            f"\"hf:/path/to/{ref.split('/')[-1]}\"")
-
-
-def build_encoder_for_training(name: str, kind: str = "image"):
-    """Build a frozen encoder; a hub model that cannot be loaded (offline) says how to get it."""
-    try:
-        if kind == "image":
-            return build_image_encoder(name)
-        from ..encoders.base import build_text_encoder
-        return build_text_encoder(name)
-    except EncoderError as e:
-        msg = str(e)
-        if name.startswith("hf:") and not Path(name[3:]).expanduser().exists() and "download" not in msg:
-            msg = msg.split("; check")[0] + _offline_hint(name, kind)
-        raise EncoderError(msg) from None
 
 
 # ------------------------------------------------------------------------------------------------ loss and schedule
@@ -403,10 +273,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
         try:
             return cached_text_embeddings(all_names, cfg.templates, cfg.cache_dir, encoder_name=cfg.text_encoder)
         except EncoderError as e:
-            msg = str(e)
-            if cfg.text_encoder.startswith("hf:") and not Path(cfg.text_encoder[3:]).expanduser().exists():
-                msg = msg.split("; check")[0] + _offline_hint(cfg.text_encoder, "text")
-            raise EncoderError(msg) from None
+            raise with_offline_hint(e, cfg.text_encoder, "text") from None
     if dist.main:
         text_all, text_spec = text_embeddings()
     dist.barrier()
@@ -443,7 +310,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
         bad_run = int(state.get("bad_steps", 0))
         ema = state.get("ema")
         if "rng" in state:
-            _set_rng_states(state["rng"])
+            set_rng_states(state["rng"])
         say(f"resumed {out} from step {start}")
     elif resume:
         say(f"no {STATE_FILE} in {out}: starting from step 0")
@@ -478,16 +345,9 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
             good = [v for v in vals.values() if v is not None]
             log({"step": step, "val_miou": vals, "val_mean": round(float(np.mean(good)), 4) if good else None})
             say(f"step {step}: validation mIoU " + ", ".join(f"{n} {v:.3f}" for n, v in vals.items() if v is not None))
-        try:
-            save_checkpoint(path, head, image_encoder.spec, text_spec, meta)
-        except Exception as e:  # noqa: BLE001 - OSError or the safetensors writer's own error type
-            reason = "the disk is full" if getattr(e, "errno", None) == 28 or "No space" in str(e) else str(e)
-            err = CheckpointWriteError(f"could not write checkpoint {path}: {reason}; the previous checkpoint "
-                                       f"is intact; free space and resume with --resume")
-            err.errno = getattr(e, "errno", None)
-            raise err from None
+        write_checkpoint(path, head, image_encoder.spec, text_spec, meta)
         save_state(state_path, {"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
-                                "config": asdict(cfg), "rng": _rng_states(), "bad_steps": bad_run, "ema": ema})
+                                "config": asdict(cfg), "rng": rng_states(), "bad_steps": bad_run, "ema": ema})
         try:
             plot_metrics(out / "log.jsonl", out / "metrics.png")
         except OSError as e:
