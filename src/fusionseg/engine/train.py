@@ -39,6 +39,7 @@ from .config import (RUNTIME_KEYS, TrainConfig, config_differences, config_keys,
 from .sampling import (BenchmarkSplit, Plan, _global_masks, _mask_lut, _Pool, _UncachedSteps,  # noqa: F401
                        build_vocabulary, choose_classes, default_scales, gather_batch, make_step_plan, open_datasets,
                        plan_batch, step_rng)
+from .distributed import Dist, init_distributed, wrap_for_training  # noqa: F401
 from .encoders import build_encoder_for_training, with_offline_hint
 from .plots import plot_metrics
 from .state import (STATE_FILE, CheckpointWriteError, load_state, rng_states, save_state,  # noqa: F401
@@ -49,53 +50,6 @@ CONFIG_FILE = "config.toml"
 
 class TrainError(RuntimeError):
     """A run that cannot go on (non-finite losses, a checkpoint that cannot be written): says why and what to do."""
-
-
-# ------------------------------------------------------------------------------------------------ distributed
-@dataclass
-class Dist:
-    """Where this process sits under torchrun (rank 0 of 1 without it)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        return t
-
-    def max_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return t
-
-
-def init_distributed(device: str) -> tuple[Dist, torch.device]:
-    """Join the process group torchrun set up (env RANK / WORLD_SIZE / LOCAL_RANK): NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = torch.device(device)
-    if world <= 1:
-        return Dist(), dev
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local), dev
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -363,13 +317,14 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
             data, batch_size=None, sampler=range(start, cfg.steps), num_workers=cfg.workers,
             pin_memory=device.type == "cuda", persistent_workers=False,
             prefetch_factor=2 if cfg.workers else None))
-    fwd = torch.compile(head) if cfg.compile else head
+    # under torchrun, DDP sums the ranks' gradients of sum/global count: the global batch's gradient
+    model = wrap_for_training(head, dist, device, find_unused=cfg.bridge_prior)
+    fwd = torch.compile(model) if cfg.compile else model
     use_amp = cfg.amp and device.type == "cuda"
     pin = device.type == "cuda"
     head.train()
     bar = tqdm(range(start, cfg.steps), desc="training", unit="step", disable=not show, dynamic_ncols=True,
                initial=start, total=cfg.steps)
-    grads_buf = None
     try:
         for step in bar:
             if cfg.cache:
@@ -406,16 +361,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
             count = dist.sum_(c.detach().float().clone()).clamp(min=1)
             loss = s / count
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if dist.enabled:  # sum the ranks' gradients of sum/global count = the global batch's gradient
-                flat = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                grads_buf = torch.cat([g.reshape(-1) for g in flat])
-                dist.sum_(grads_buf)
-                o = 0
-                for p in params:
-                    n = p.numel()
-                    p.grad = grads_buf[o:o + n].view_as(p).clone()
-                    o += n
+            loss.backward()  # (DDP: the gradients are summed over the ranks here)
             total = dist.sum_(loss.detach().clone())
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad > 0 else torch.zeros(())
             if not (torch.isfinite(total) and torch.isfinite(gnorm)):
