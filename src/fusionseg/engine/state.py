@@ -15,6 +15,7 @@ from ..data.features import write_atomic
 from ..model.checkpoint import save_checkpoint
 
 STATE_FILE = "state.pt"
+CONFIG_FILE = "config.toml"  # the resolved config, as TOML (`fusionseg train --resume RUN_DIR` reads it)
 
 
 class CheckpointWriteError(OSError):
