@@ -97,3 +97,24 @@ def test_checkpoint_for_other_encoders_is_refused(shapes_dataset, tmp_path):
     junk.write_text("hello")
     with pytest.raises(CheckpointError):
         read_checkpoint(junk)
+
+
+def test_validation_and_evaluate_share_the_semantic_report():
+    """One whole-vocabulary mIoU: engine/metrics.semantic_scores, by hand counts (rows truth, columns prediction)."""
+    from fusionseg.engine.metrics import semantic_scores
+    cm = torch.tensor([[5, 1, 0, 0],   # none
+                       [2, 3, 0, 0],   # cat: TP 3, union column 5 + row 5 - 3 = 7
+                       [0, 0, 0, 0],   # dog: never in truth nor prediction -> None, left out of the mean
+                       [0, 1, 0, 2]])  # bird: TP 2, union 2 + 3 - 2 = 3
+    r = semantic_scores(cm, ["cat", "dog", "bird"])
+    assert r["per_class"] == {"cat": 0.4286, "dog": None, "bird": 0.6667}
+    assert r["miou"] == pytest.approx((0.4286 + 0.6667) / 2, abs=1e-4) and r["pixel_accuracy"] == round(10 / 14, 4)
+    assert semantic_scores(torch.zeros(2, 2, dtype=torch.long), ["cat"])["miou"] is None
+    with pytest.raises(ValueError, match="cannot hold 2 names"):
+        semantic_scores(cm, ["cat", "dog"])
+    # both callers go through it (a second implementation beside it would not be seen here)
+    import inspect
+    from fusionseg.engine import evaluate, trainer
+    assert "semantic_scores(" in inspect.getsource(evaluate.evaluate_semantic)
+    assert "semantic_scores(" in inspect.getsource(trainer.validate)
+    assert "iou_from_confusion" not in inspect.getsource(trainer)

@@ -34,6 +34,7 @@ from ..model.fusioner import FusionerConfig, FusionHead
 from .config import TrainConfig, config_differences, dump_config
 from .distributed import Dist, wrap_for_training
 from .encoders import build_encoder_for_training, with_offline_hint
+from .metrics import SemanticMeter, semantic_scores
 from .plots import plot_metrics
 from .sampling import (_mask_lut, _Pool, _UncachedSteps, build_vocabulary, choose_classes, default_scales,
                        gather_batch, make_step_plan, open_datasets, step_rng)
@@ -70,13 +71,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tensor], device, batch_size: int = 16,
              dist: Dist | None = None, bridge=None) -> dict:
-    """Whole-vocabulary mIoU of each validation split on cached features (training resolution, view 0).
+    """Whole-vocabulary mIoU of each validation split on cached features (training resolution, view 0), as
+    :func:`~fusionseg.engine.metrics.semantic_scores` reports it for ``fusionseg evaluate``.
 
     A fast proxy for ``fusionseg evaluate`` (which works at the original resolution): datasets whose every
     pixel is a class use the arg-max, others the 0.5 threshold. Under torchrun each rank takes every
     world-th image and the confusion matrices are summed.
     """
-    from .metrics import SemanticMeter, iou_from_confusion
     dist = dist or Dist()
     was_training = head.training
     head.eval()
@@ -98,10 +99,8 @@ def validate(head: FusionHead, val_sets: list, text_by_dataset: list[torch.Tenso
                 lab = torch.where(best.sigmoid() >= 0.5, lab, torch.zeros_like(lab))
             meter.update(lab.cpu(), masks.cpu())
         dist.sum_(meter.cm)
-        per = [float(v) for v in iou_from_confusion(meter.cm)][1:]
-        vals = [v for v in per if v == v]
-        out[ds.name] = {"miou": round(float(np.mean(vals)), 4) if vals else None, "images": len(ds),
-                        "per_class": {n: (round(v, 4) if v == v else None) for n, v in zip(ds.class_names, per)}}
+        r = semantic_scores(meter.cm, ds.class_names)  # the report `fusionseg evaluate` gives
+        out[ds.name] = {"miou": r["miou"], "images": len(ds), "per_class": r["per_class"]}
     head.train(was_training)
     return out
 
