@@ -47,6 +47,7 @@ def iou(a, b):
     return (a & b).sum() / max(1, (a | b).sum())
 
 
+@pytest.mark.slow  # 500 steps: ~140 s on 2 idle cores; the default suite trains in test_train_watch/_resume
 def test_tiny_model_overfits_two_class_dataset(shapes_dataset, tmp_path):
     torch.manual_seed(0)
     cfg = TrainConfig(data=[str(shapes_dataset)], out=str(tmp_path / "run"), image_encoder="test-pool",
