@@ -73,10 +73,36 @@ def test_tiny_model_overfits_two_class_dataset(shapes_dataset, tmp_path):
     assert m[1] > 0.9 and m[2] > 0.9, m
 
 
-def test_resume_continues_from_state(shapes_dataset, tmp_path):
+def test_resume_continues_from_state(shapes_dataset, tmp_path, monkeypatch):
+    """In-process and fast: a run stopped after its step-5 checkpoint and resumed ends bitwise where an
+    uninterrupted run ends (the SIGKILL version, through the CLI in fresh processes, is the slow test in
+    test_train_resume.py); then the run is extended to 15 steps."""
+    from safetensors.torch import load_file
+    from fusionseg.engine.trainer import Trainer
     base = dict(data=[str(shapes_dataset)], image_encoder="test-pool", text_encoder="test-hash", preset="tiny",
-                batch_size=4, size=64, val_fraction=0.0, cache_dir=str(tmp_path / "cache"), progress=False)
-    train(TrainConfig(out=str(tmp_path / "r"), steps=10, checkpoint_every=5, **base))
+                batch_size=4, size=64, val_fraction=0.0, cache_dir=str(tmp_path / "cache"), progress=False, lr=3e-3,
+                warmup=2)
+    straight = train(TrainConfig(out=str(tmp_path / "a"), steps=10, checkpoint_every=5, **base))
+
+    class Stop(Exception):
+        pass
+
+    real_step = Trainer.step
+
+    def stop_at_7(self, step):
+        if step == 7:
+            raise Stop
+        return real_step(self, step)
+    monkeypatch.setattr(Trainer, "step", stop_at_7)
+    with pytest.raises(Stop):
+        train(TrainConfig(out=str(tmp_path / "r"), steps=10, checkpoint_every=5, **base))
+    monkeypatch.setattr(Trainer, "step", real_step)
+    assert torch.load(tmp_path / "r" / "state.pt", weights_only=True)["step"] == 5
+    final = train(TrainConfig(out=str(tmp_path / "r"), steps=10, resume=True, checkpoint_every=5, **base))
+    a, b = load_file(str(straight)), load_file(str(final))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    mid = load_file(str(tmp_path / "a" / "step5.safetensors"))
+    assert any(not torch.equal(mid[k], a[k]) for k in a)  # steps 5..9 did change the weights
     final = train(TrainConfig(out=str(tmp_path / "r"), steps=15, resume=True, checkpoint_every=0, **base))
     _, meta = read_checkpoint(final)
     assert meta["training"]["steps"] == 15

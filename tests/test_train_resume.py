@@ -57,6 +57,7 @@ def train_args(data, out, cache, steps=12, every=3):
             "--lr", "3e-3", "--threads", "1"]
 
 
+@pytest.mark.slow  # three CLI runs in fresh processes (~35 s); test_train.py resumes in-process, bitwise, fast
 def test_sigkill_at_random_step_then_resume_is_bitwise_identical(tmp_path):
     data = make_shapes_dataset(tmp_path / "shapes", n=8, size=64)
     cache = tmp_path / "cache"
