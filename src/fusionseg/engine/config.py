@@ -37,6 +37,9 @@ def _key(default: Any = dataclasses.MISSING, *, flag: str | None = None, help: s
 
 @dataclass
 class TrainConfig:
+    """A training run's recipe. Every field is a key of the TOML config and of ``--set key=value``; the fields
+    declared with ``_key(flag=...)`` are also ``fusionseg train`` flags (``batch_size`` -> ``--batch-size``)."""
+
     data: list[str] = _key(flag="append", help="dataset folder (fusionseg-folder/1), pascal5i:ROOT or coco20i:ROOT "
                                                "(with --fold); repeat to mix")
     out: str = _key(flag="value", help="run folder; the final checkpoint is OUT/final.safetensors")
@@ -80,7 +83,7 @@ class TrainConfig:
     pos_embed: str = _key("none", flag="value", choices=["none", "fourier"])
     bridge_prior: bool = _key(False, flag="on",  # the bridge's per-class map as a model input (model/prior.py)
                               help="feed the semantic bridge's per-class map to the model, trained with name dropout")
-    name_dropout: float = _key(0.5, flag="value",  # with bridge_prior: share of a batch's classes given the unknown-name token
+    name_dropout: float = _key(0.5, flag="value",  # bridge_prior: share of a batch's names given the unknown token
                                help="with --bridge-prior: share of classes per batch given the unknown-name token (0.5)")
     log_every: int = 50
     resume: bool | str = _key(False, flag="resume",  # True: continue OUT/state.pt; a folder: continue that run

@@ -22,7 +22,7 @@ from ..data.transforms import prepare_training_pair
 from .config import TrainConfig
 
 
-# ------------------------------------------------------------------------------------------------ datasets and vocabulary
+# ---------------------------------------------------------------------------------------------- datasets, vocabulary
 class BenchmarkSplit:
     """The training split of a PASCAL-5i / COCO-20i fold (novel classes ignored) in the shape training reads."""
 
