@@ -120,3 +120,102 @@ def test_hub_encoder_not_available_offline_says_how_to_get_it(tmp_path):
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "huggingface-cli download openai/clip-vit-large-patch14" in err and "HF_HOME" in err
+
+
+# The `fusionseg train` flags as they were written by hand before they were generated from TrainConfig:
+# (option, dest, action, type, nargs, const, choices, metavar, help). --config, --set and --threads are not
+# config keys and stay hand-written in cli.py.
+TRAIN_FLAGS = [
+    ("--config", "config", "store", None, None, None, None, None, "TOML recipe, e.g. configs/cpu-default.toml"),
+    ("--set", "set", "append", None, None, None, None, "KEY=VALUE", "override one config key (repeatable)"),
+    ("--data", "data", "append", None, None, None, None, None,
+     "dataset folder (fusionseg-folder/1), pascal5i:ROOT or coco20i:ROOT (with --fold); repeat to mix"),
+    ("--out", "out", "store", None, None, None, None, None, "run folder; the final checkpoint is OUT/final.safetensors"),
+    ("--image-encoder", "image_encoder", "store", None, None, None, None, None, "default efficientnet-lite0"),
+    ("--text-encoder", "text_encoder", "store", None, None, None, None, None, "default minilm-l6"),
+    ("--preset", "preset", "store", None, None, None, ["paper", "small", "tiny"], None, "default small"),
+    ("--steps", "steps", "store", int, None, None, None, None, None),
+    ("--batch-size", "batch_size", "store", int, None, None, None, None, "global batch (split over torchrun processes)"),
+    ("--lr", "lr", "store", float, None, None, None, None, None),
+    ("--size", "size", "store", int, None, None, None, None, "training size (longer side, px)"),
+    ("--scales", "scales", "store", None, None, None, None, None,
+     "comma-separated training scales in px (default: 0.8x, 1x, 1.2x --size)"),
+    ("--val-fraction", "val_fraction", "store", float, None, None, None, None,
+     "whole images per dataset kept out for validation"),
+    ("--holdout", "holdout", "append", None, None, None, None, None, "image id always kept out of training (repeatable)"),
+    ("--exclude-classes", "exclude_classes", "store", None, None, None, None, None,
+     "names never used in training; their pixels are ignored"),
+    ("--fold", "fold", "store", int, None, None, None, None, "PASCAL-5i / COCO-20i fold 0-3 (novel classes left out)"),
+    ("--checkpoint-every", "checkpoint_every", "store", int, None, None, None, None, None),
+    ("--seed", "seed", "store", int, None, None, None, None, None),
+    ("--device", "device", "store", None, None, None, None, None, "cpu or cuda (default cpu)"),
+    ("--cache-dir", "cache_dir", "store", None, None, None, None, None,
+     "feature cache folder (default ~/.cache/fusionseg or $FUSIONSEG_CACHE)"),
+    ("--no-cache", "no_cache", "store_true", None, 0, True, None, None, "run the frozen encoder every step (no feature cache)"),
+    ("--workers", "workers", "store", int, None, None, None, None, "DataLoader workers for --no-cache"),
+    ("--compile", "compile", "store_true", None, 0, True, None, None, "torch.compile the trained head (GPU)"),
+    ("--init", "init", "store", None, None, None, None, None,
+     "start from this checkpoint's trained weights (default, a .safetensors or a run folder)"),
+    ("--synonym-rate", "synonym_rate", "store", float, None, None, None, None,
+     "share of classes named by one of their synonyms in a step (datasets written by fusionseg pseudo-label "
+     "carry them; default 0)"),
+    ("--resume", "resume", "store", None, "?", True, None, "RUN_DIR",
+     "continue from the last checkpoint: of OUT (no value) or of RUN_DIR"),
+    ("--no-fusion", "no_fusion", "store_true", None, 0, True, None, None, "ablation: no fusion transformer"),
+    ("--pos-embed", "pos_embed", "store", None, None, None, ["none", "fourier"], None, None),
+    ("--bridge-prior", "bridge_prior", "store_true", None, 0, True, None, None,
+     "feed the semantic bridge's per-class map to the model, trained with name dropout"),
+    ("--name-dropout", "name_dropout", "store", float, None, None, None, None,
+     "with --bridge-prior: share of classes per batch given the unknown-name token (0.5)"),
+    ("--threads", "threads", "store", int, None, None, None, None, None),
+]
+
+
+def _train_parser():
+    import argparse
+    from fusionseg.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_train_flags_are_generated_from_the_config_fields():
+    import dataclasses
+    kinds = {"_StoreAction": "store", "_AppendAction": "append", "_StoreTrueAction": "store_true"}
+    got = {}
+    for a in _train_parser()._actions:
+        if a.dest == "help":
+            continue
+        got[a.option_strings[0]] = (a.option_strings[0], a.dest, kinds[type(a).__name__], a.type, a.nargs, a.const,
+                                    a.choices, a.metavar, a.help)
+        # "not given" is None (store_true: False) so the config file and --set keep their values
+        assert a.default in (None, False) or a.dest == "threads", a
+    assert got == {f[0]: f for f in TRAIN_FLAGS}  # the same flags, types, choices and help as the hand-written ones
+    # every flag but --config/--set/--threads is a config key, by the field's name
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for opt, dest, *_ in TRAIN_FLAGS:
+        if opt in ("--config", "--set", "--threads"):
+            continue
+        key = dest[3:] if opt.startswith("--no-") else dest
+        assert key in fields and fields[key].metadata["flag"], opt
+        assert opt == ("--no-" if fields[key].metadata["flag"] == "off" else "--") + key.replace("_", "-")
+    flagged = {f.name for f in fields.values() if f.metadata.get("flag")}
+    assert len(flagged) == len(TRAIN_FLAGS) - 3
+    from fusionseg.data.features import DEFAULT_SHARD_SIZE
+    assert TrainConfig(data=["a"], out="o").shard_size == DEFAULT_SHARD_SIZE
+
+
+def test_flag_values_map_flags_to_config_keys():
+    from fusionseg.engine.config import flag_values
+    p = _train_parser()
+    v = flag_values(p.parse_args(["--data", "a", "--data", "b", "--steps", "5", "--scales", "192,224", "--no-cache",
+                                  "--no-fusion", "--compile", "--exclude-classes", "cat,dog", "--resume", "--lr", "0.1",
+                                  "--bridge-prior", "--name-dropout", "0.25", "--holdout", "x1"]))
+    assert v == {"data": ["a", "b"], "steps": 5, "scales": [192, 224], "cache": False, "fusion": False,
+                 "compile": True, "exclude_classes": ["cat", "dog"], "resume": True, "lr": 0.1,
+                 "bridge_prior": True, "name_dropout": 0.25, "holdout": ["x1"]}
+    assert flag_values(p.parse_args([])) == {}
+    assert flag_values(p.parse_args(["--resume", "runs/x"]))["resume"] == "runs/x"
+    with pytest.raises(ValueError, match="--scales must be comma-separated integers, got '1,a'"):
+        flag_values(p.parse_args(["--scales", "1,a"]))
+    with pytest.raises(ValueError, match="--steps must be at least 1"):
+        flag_values(p.parse_args(["--steps", "0"]))

@@ -150,7 +150,8 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_train_excludes_through_synonyms_and_trains_with_them(tmp_path):
-    from fusionseg.engine.train import TrainConfig, build_vocabulary, dataset_synonyms, open_datasets, train
+    from fusionseg.engine.sampling import build_vocabulary, dataset_synonyms, open_datasets
+    from fusionseg.engine.train import TrainConfig, train
     from fusionseg.model.checkpoint import load_model
     photos = _photos(tmp_path / "photos", n=4)
     shapes = make_shapes_dataset(tmp_path / "shapes", n=4, size=64)

@@ -6,8 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-import fusionseg.engine.train as train_mod
-from fusionseg.engine.train import TrainConfig, TrainError, plot_metrics, train
+import fusionseg.engine.trainer as trainer_mod
+from fusionseg.engine.config import TrainConfig
+from fusionseg.engine.plots import plot_metrics
+from fusionseg.engine.train import TrainError, train
 
 from conftest import make_shapes_dataset
 
@@ -22,7 +24,7 @@ def cfg(tmp_path, data, **kw):
 
 def test_nan_loss_skips_the_step_and_stops_after_k(tmp_path, monkeypatch, capsys):
     data = make_shapes_dataset(tmp_path / "shapes", n=4, size=64)
-    real = train_mod.bce_terms
+    real = trainer_mod.bce_terms
     calls = {"n": 0}
     snapshots = []
 
@@ -32,7 +34,7 @@ def test_nan_loss_skips_the_step_and_stops_after_k(tmp_path, monkeypatch, capsys
         if calls["n"] in (3, 4):  # steps 2 and 3 give NaN
             s = s * float("nan")
         return s, c
-    monkeypatch.setattr(train_mod, "bce_terms", poisoned)
+    monkeypatch.setattr(trainer_mod, "bce_terms", poisoned)
     orig_step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (snapshots.append(calls["n"]), orig_step(self, *a, **k))[1])
     train(cfg(tmp_path, data, progress=True))
@@ -45,7 +47,7 @@ def test_nan_loss_skips_the_step_and_stops_after_k(tmp_path, monkeypatch, capsys
     assert all(torch.isfinite(v).all() for v in state["head"].values())
 
     # always NaN: stop after max_bad_steps in a row with a clear message
-    monkeypatch.setattr(train_mod, "bce_terms", lambda logits, *a, **k: (real(logits, *a, **k)[0] * float("nan"), torch.tensor(1)))
+    monkeypatch.setattr(trainer_mod, "bce_terms", lambda logits, *a, **k: (real(logits, *a, **k)[0] * float("nan"), torch.tensor(1)))
     with pytest.raises(TrainError, match="3 non-finite losses in a row .*max_bad_steps = 3"):
         train(cfg(tmp_path, data, out=str(tmp_path / "run2"), max_bad_steps=3))
 

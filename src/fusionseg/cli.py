@@ -175,7 +175,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .engine.train import CONFIG_FILE, TrainError, load_config_file, make_config, parse_set, train
+    from .engine.config import flag_values, load_config_file, make_config, parse_set
+    from .engine.train import CONFIG_FILE, TrainError, train
     values: dict = {}
     resume = a.resume
     if isinstance(resume, str) and not a.config and not a.data:
@@ -188,37 +189,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     for item in a.set or []:
         k, v = parse_set(item)
         values[k] = v
-    flags = {"data": a.data, "out": a.out, "image_encoder": a.image_encoder, "text_encoder": a.text_encoder,
-             "preset": a.preset, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "size": a.size,
-             "val_fraction": a.val_fraction, "holdout": a.holdout, "checkpoint_every": a.checkpoint_every,
-             "seed": a.seed, "device": a.device, "cache_dir": a.cache_dir, "pos_embed": a.pos_embed,
-             "workers": a.workers, "fold": a.fold}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if a.steps is not None and a.steps < 1:
-        raise CLIError("--steps must be at least 1")
-    if a.exclude_classes is not None:
-        values["exclude_classes"] = [c for c in a.exclude_classes.split(",") if c.strip()]
-    if a.scales:
-        try:
-            values["scales"] = [int(v) for v in a.scales.split(",") if v.strip()]
-        except ValueError:
-            raise CLIError(f"--scales must be comma-separated integers, got {a.scales!r}") from None
-    if a.no_fusion:
-        values["fusion"] = False
-    if a.no_cache:
-        values["cache"] = False
-    if a.compile:
-        values["compile"] = True
-    if resume is not None:
-        values["resume"] = resume
+    values.update(flag_values(a))  # flags override --set and the config files
     if isinstance(resume, str) and a.out and Path(a.out).resolve() != Path(resume).resolve():
         raise CLIError(f"--resume {resume} continues that run folder; leave --out out or give the same folder")
     if isinstance(resume, str):
         values["out"] = resume
-    if a.bridge_prior:
-        values["bridge_prior"] = True
-    if a.name_dropout is not None:
-        values["name_dropout"] = a.name_dropout
     cfg = make_config(values)
     if a.threads:
         import torch
@@ -351,7 +326,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .choices import DEFAULT_IMAGE_ENCODER, DEFAULT_PRESET, DEFAULT_TEXT_ENCODER, MODES, PRESET_NAMES, PROTOCOLS, SPLITS
+    from .choices import DEFAULT_IMAGE_ENCODER, MODES, PROTOCOLS, SPLITS
+    from .engine.config import add_train_flags
     p = argparse.ArgumentParser(prog="fusionseg", description="Open-vocabulary semantic segmentation on frozen encoders.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -382,36 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Flags override the --config file; --set key=value overrides any config key.")
     t.add_argument("--config", default=None, help="TOML recipe, e.g. configs/cpu-default.toml")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
-    t.add_argument("--data", action="append", default=None,
-                   help="dataset folder (fusionseg-folder/1), pascal5i:ROOT or coco20i:ROOT (with --fold); repeat to mix")
-    t.add_argument("--out", default=None, help="run folder; the final checkpoint is OUT/final.safetensors")
-    t.add_argument("--image-encoder", default=None, help=f"default {DEFAULT_IMAGE_ENCODER}")
-    t.add_argument("--text-encoder", default=None, help=f"default {DEFAULT_TEXT_ENCODER}")
-    t.add_argument("--preset", default=None, choices=list(PRESET_NAMES), help=f"default {DEFAULT_PRESET}")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None, help="global batch (split over torchrun processes)")
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--size", type=int, default=None, help="training size (longer side, px)")
-    t.add_argument("--scales", default=None, help="comma-separated training scales in px (default: 0.8x, 1x, 1.2x --size)")
-    t.add_argument("--val-fraction", type=float, default=None, help="whole images per dataset kept out for validation")
-    t.add_argument("--holdout", action="append", help="image id always kept out of training (repeatable)")
-    t.add_argument("--exclude-classes", default=None, help="names never used in training; their pixels are ignored")
-    t.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold 0-3 (novel classes left out)")
-    t.add_argument("--checkpoint-every", type=int, default=None)
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
-    t.add_argument("--cache-dir", default=None, help="feature cache folder (default ~/.cache/fusionseg or $FUSIONSEG_CACHE)")
-    t.add_argument("--no-cache", action="store_true", help="run the frozen encoder every step (no feature cache)")
-    t.add_argument("--workers", type=int, default=None, help="DataLoader workers for --no-cache")
-    t.add_argument("--compile", action="store_true", help="torch.compile the trained head (GPU)")
-    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-                   help="continue from the last checkpoint: of OUT (no value) or of RUN_DIR")
-    t.add_argument("--no-fusion", action="store_true", help="ablation: no fusion transformer")
-    t.add_argument("--pos-embed", default=None, choices=["none", "fourier"])
-    t.add_argument("--bridge-prior", action="store_true",
-                   help="feed the semantic bridge's per-class map to the model, trained with name dropout")
-    t.add_argument("--name-dropout", type=float, default=None,
-                   help="with --bridge-prior: share of classes per batch given the unknown-name token (0.5)")
+    add_train_flags(t)  # one flag per TrainConfig field that has one (engine/config.py)
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=cmd_train)
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ..choices import PROTOCOLS, SPLITS
 from ..data.datasets import IGNORE
-from .metrics import SemanticMeter
+from .metrics import SemanticMeter, semantic_scores
 
 
 def evaluate_semantic(segmenter, dataset, class_names: Sequence[str] | None = None, background: bool | None = None,
@@ -33,12 +33,9 @@ def evaluate_semantic(segmenter, dataset, class_names: Sequence[str] | None = No
         s = dataset[i]
         pred = segmenter.predict(s.image, names, threshold=threshold, background=background)
         meter.update(torch.from_numpy(pred.labels.astype(np.int64)), torch.from_numpy(s.mask.astype(np.int64)))
-    r = meter.compute()
-    per = r["per_class_iou"]
-    per_class = {name: (None if per[k] != per[k] else round(float(per[k]), 4)) for k, name in enumerate(names, start=1)}
-    vals = [v for v in per_class.values() if v is not None]
-    return {"protocol": "semantic", "miou": round(float(np.mean(vals)), 4) if vals else None,
-            "pixel_accuracy": round(float(r["pixel_accuracy"]), 4), "per_class": per_class, "images": n,
+    r = semantic_scores(meter.cm, names)
+    return {"protocol": "semantic", "miou": r["miou"], "pixel_accuracy": r["pixel_accuracy"],
+            "per_class": r["per_class"], "images": n,
             "argmax": bool(background), "seconds": round(time.time() - t0, 1)}
 
 

@@ -6,7 +6,8 @@ Two protocols (DESIGN.md, "Evaluation protocols"):
   :func:`iou_from_confusion`, :func:`miou`, :func:`pixel_accuracy`, accumulated by :class:`SemanticMeter`.
   Confusion matrices have rows = ground truth, columns = prediction. The IoU of a class absent from both the
   ground truth and the prediction is NaN and left out of means; a class in the ground truth that is never
-  predicted has IoU 0 and counts.
+  predicted has IoU 0 and counts. :func:`semantic_scores` is the report both ``fusionseg evaluate`` and the
+  training validation give (label 0 = "none of these", label k = the k-th name).
 * **One-class episodes** (HSNet / LSeg) — :class:`EpisodeMeter`: each episode is one image and one class; the
   prediction is a foreground mask for that class. Definitions are written out in the class docstring.
 """
@@ -15,10 +16,12 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["confusion_matrix", "iou_from_confusion", "miou", "pixel_accuracy", "SemanticMeter", "EpisodeMeter"]
+__all__ = ["confusion_matrix", "iou_from_confusion", "miou", "pixel_accuracy", "semantic_scores", "SemanticMeter",
+           "EpisodeMeter"]
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
@@ -78,6 +81,24 @@ def pixel_accuracy(cm: Tensor) -> float:
     cm = torch.as_tensor(cm)
     total = cm.sum()
     return float(cm.diag().sum().double() / total) if total > 0 else float("nan")
+
+
+def semantic_scores(cm: Tensor, class_names: Sequence[str]) -> dict:
+    """The whole-vocabulary report of a ``(K+1, K+1)`` confusion matrix whose label 0 is "none of these" and
+    label k is ``class_names[k-1]``, rounded to 4 places:
+
+    * ``per_class``: name -> IoU, None for a class in neither the ground truth nor the prediction;
+    * ``miou``: the mean of the ``per_class`` values that are not None (None if all are), row 0 left out;
+    * ``pixel_accuracy``: over every counted pixel, "none of these" included.
+    """
+    iou = iou_from_confusion(cm).tolist()
+    if len(iou) != len(class_names) + 1:
+        raise ValueError(f"a confusion matrix of {len(iou)} labels cannot hold {len(class_names)} names and 'none'")
+    per_class = {name: (None if iou[k] != iou[k] else round(float(iou[k]), 4))
+                 for k, name in enumerate(class_names, start=1)}
+    vals = [v for v in per_class.values() if v is not None]
+    return {"miou": round(float(np.mean(vals)), 4) if vals else None, "per_class": per_class,
+            "pixel_accuracy": round(float(pixel_accuracy(cm)), 4)}
 
 
 class SemanticMeter:
