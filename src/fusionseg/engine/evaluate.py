@@ -61,13 +61,11 @@ def evaluate_present(segmenter, dataset, threshold: float | None = None, backgro
         lut = np.zeros(len(present) + 1, np.int64)
         lut[1:] = present  # label k of this image's prediction -> the dataset's class index
         meter.update(torch.from_numpy(lut[pred.labels.astype(np.int64)]), torch.from_numpy(s.mask.astype(np.int64)))
-    r = meter.compute()
-    per = r["per_class_iou"]
-    per_class = {name: (None if per[k] != per[k] else round(float(per[k]), 4)) for k, name in enumerate(names, start=1)}
+    r = semantic_scores(meter.cm, names)
+    per_class = r["per_class"]
     vals = [v for v in per_class.values() if v is not None]
-    return {"protocol": "present", "miou": round(float(np.mean(vals)), 4) if vals else None,
-            "pixel_accuracy": round(float(r["pixel_accuracy"]), 4), "per_class": per_class, "images": n,
-            "classes_evaluated": len(vals), "low_iou": low_iou,
+    return {"protocol": "present", "miou": r["miou"], "pixel_accuracy": r["pixel_accuracy"], "per_class": per_class,
+            "images": n, "classes_evaluated": len(vals), "low_iou": low_iou,
             "low_iou_classes": sorted(k for k, v in per_class.items() if v is not None and v < low_iou),
             "argmax": bool(background), "seconds": round(time.time() - t0, 1)}
 
