@@ -840,8 +840,8 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> Path:
     bridge = None
     if cfg.bridge_prior:
         from ..encoders.base import build_text_encoder
-        from ..model.bridge import ClassifierBridge
-        bridge = ClassifierBridge(image_encoder, build_text_encoder(cfg.text_encoder), cache_dir=cfg.cache_dir)
+        from ..textcache import build_bridge
+        bridge = build_bridge(image_encoder, build_text_encoder(cfg.text_encoder), cache_dir=cfg.cache_dir)
     head = FusionHead(mcfg).to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     decay = [p for n, p in head.named_parameters() if p.requires_grad and p.dim() >= 2]
