@@ -73,6 +73,25 @@ def test_registered():
         assert v in base._IMAGE
 
 
+def test_registry_imports_no_implementation():
+    """The registry (encoders/base.py) imports no implementation; the package imports them and they register
+    themselves, so importing only ``fusionseg.encoders.base`` in a fresh process still lists every encoder."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+    tree = ast.parse(Path(base.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+        {f"{n.module}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level for a in n.names}
+    assert not imported & {"efficientnet_lite", "hf_text", "hf_vision", "lean_bert", "_hf"}, imported
+    code = ("from fusionseg.encoders.base import available_encoders; a = available_encoders(); "
+            "print(sorted(a['image']), sorted(a['text']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'efficientnet-lite0'" in out.stdout and "'hf:'" in out.stdout and "'minilm-l6'" in out.stdout
+
+
 @pytest.mark.parametrize("hw", [(320, 320), (333, 250)])
 def test_shapes_any_size(lite0, hw):
     h, w = hw

@@ -4,6 +4,10 @@ Image encoders map normalised pixels ``(B, 3, H, W)`` to a list of feature maps
 ``[(B, C_i, H / s_i, W / s_i)]`` with ``strides`` and ``channels`` declared up front.
 Text encoders map class names to L2-normalised embeddings ``(N, dim)``.
 Both are frozen: eval mode, ``requires_grad=False``, called under ``torch.no_grad()``.
+
+The registry (``register_*_encoder`` / ``build_*_encoder``) imports no implementation: each implementation
+module registers its names when imported, and the package (``fusionseg/encoders/__init__.py``) imports them
+all, so any import of ``fusionseg.encoders.*`` sees the full table (as timm's model registry works).
 """
 from __future__ import annotations
 
@@ -145,7 +149,6 @@ def register_text_encoder(prefix: str):
 
 
 def _lookup(table: dict, name: str, kind: str):
-    _ensure_registered()
     if name in table:
         return table[name]
     for prefix, fn in table.items():
@@ -166,10 +169,5 @@ def build_text_encoder(name: str) -> TextEncoder:
 
 
 def available_encoders() -> dict[str, list[str]]:
-    _ensure_registered()
     return {"image": sorted(_IMAGE), "text": sorted(_TEXT)}
 
-
-def _ensure_registered() -> None:
-    # Importing the modules runs their @register decorators.
-    from . import efficientnet_lite, hf_text, hf_vision  # noqa: F401
