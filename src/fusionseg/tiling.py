@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .labelmap import argmax_classes, resample_argmax, write_band
+from .runtime import fast_paths
 
 #: Fraction of a window shared with its neighbour (features are kept up to the middle of the overlap).
 OVERLAP = 0.5
@@ -110,11 +111,12 @@ def labels_from_logits(lg: torch.Tensor, size: tuple[int, int], threshold: float
     When ``size`` is the logits' own size the resampling is skipped (it would be the identity). When it is at
     least twice as large on average, only the classes that can win at each pixel are resampled
     (:mod:`fusionseg.labelmap`: the same labels and scores, several times faster for photos above the working
-    size), unless the maps are too noisy for that to pay."""
+    size), unless the maps are too noisy for that to pay. That pruning is a fast path: with
+    :func:`fusionseg.runtime.fast_paths` off every class is resampled (the plain reference)."""
     W, H = size
     n = lg.shape[0]
     hs, ws = lg.shape[-2:]
-    if H * W >= 4 * hs * ws:
+    if H * W >= 4 * hs * ws and fast_paths():
         out = resample_argmax(lg, size, threshold, background, region)
         if out is not None:
             return out
