@@ -12,6 +12,11 @@ Modes (see the README's ``--mode``):
 
 Nothing here reads files or embeds text: the :class:`Scorer` is handed providers for what it may need
 (the bridge, the training vocabulary's embeddings), called only when a call needs them.
+
+To try another way of combining the model and the bridge per name (e.g. a calibrated mix instead of the
+switch at cosine :data:`KNOWN_NAME_SIMILARITY`), write a function ``NameScores -> (B, N, hl, wl)`` logits and
+pass it as ``combine`` (``Segmenter.scorer.combine = fn`` on a built segmenter); :class:`NameScores` gives it
+each name's similarity to the training vocabulary and the model's and the bridge's maps of any subset of names.
 """
 from __future__ import annotations
 
@@ -195,8 +200,8 @@ class Scorer:
     def __call__(self, visual: Sequence[Tensor], text: Tensor, names: Sequence[str] | None = None,
                  valid: Sequence[tuple[float, float]] | None = None, bridge_visual=None) -> Tensor:
         """Encoder maps ``[(B, C_i, h_i, w_i)]`` + name embeddings ``(N, C_t)`` -> logits ``(B, N, hl, wl)`` at
-        the decoder's resolution. ``names``: the names (for the vocabulary test; without them every name counts
-        as unknown-checked by embedding); ``valid``: per batch item the (height, width) fractions of the maps
+        the decoder's resolution. ``names``: the names (a query whose names are all in the training vocabulary
+        is known without embedding the vocabulary; without names the embeddings decide); ``valid``: per batch item the (height, width) fractions of the maps
         that show the image (default all); ``bridge_visual``: :data:`BridgeMaps`."""
         names = list(names) if names is not None else [None] * int(text.shape[0])
         s = NameScores(self.head, self.bridge, visual, text, bridge_visual,
