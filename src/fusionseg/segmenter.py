@@ -25,7 +25,8 @@ from .data.transforms import pad_to, resize_image, round_up, to_tensor
 from .model.checkpoint import load_model
 from .model.scoring import KNOWN_NAME_SIMILARITY, known_from_similarity, resolve_mode
 from .textcache import TextCache, build_bridge, vocabulary_embeddings
-from .tiling import OVERLAP, _frac, _owned, _starts, labels_from_logits, stitch_windows, upsample_crop, upsample_rows
+from .tiling import (OVERLAP, _frac, _owned, _starts, labels_from_logits, stitch_windows,  # noqa: F401 - re-exported
+                     upsample_crop, upsample_rows)
 
 # Re-exported here, where they were first defined (callers import them from fusionseg.segmenter).
 __all__ = ["Segmenter", "Prediction", "Prepared", "Preparer", "EncodedImage", "TextCache", "parse_class_names",
