@@ -67,18 +67,19 @@ seg.predict(Image.fromarray(np.full((40, 60, 3), 128, np.uint8)), ["cat", "sky"]
 print("library", r._state)
 from fusionseg import cli
 try:
-    cli.main(["segment", "--help"])
+    cli.main(["segment", "no-such.jpg", "--classes", ",", "--out", sys.argv[1]])  # parsed, then refused
 except SystemExit:
     pass
 print("cli", r._state is not None)
 """
 
 
-def test_library_leaves_the_allocator_alone_and_entry_points_tune_it():
+def test_library_leaves_the_allocator_alone_and_entry_points_tune_it(tmp_path):
     """Building a Segmenter and predicting must not call mallopt (it would change a host application's
     allocator); the CLI's main (an entry point) does. Fails if tune_malloc moves back into a constructor."""
     e = {k: v for k, v in os.environ.items() if k not in runtime._USER_SETTINGS}
-    out = subprocess.run([sys.executable, "-c", LIBRARY_PROBE], capture_output=True, text=True, env=e, timeout=300)
+    out = subprocess.run([sys.executable, "-c", LIBRARY_PROBE, str(tmp_path / "out")], capture_output=True,
+                         text=True, env=e, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [s for s in out.stdout.splitlines() if s.startswith(("library", "cli"))]
     assert lines == ["library None", "cli True"], out.stdout[-2000:]
