@@ -87,7 +87,7 @@ def setup(a: argparse.Namespace) -> None:
     in_range(a.repeats, "--repeats", 1, 1000)
     torch.set_num_threads(a.threads)
     from fusionseg.runtime import tune_malloc
-    tune_malloc()  # as the CLI, Segmenter and training do; process-wide, so the peer in this process gets it too
+    tune_malloc()  # as the CLI, serve and training do (entry points); process-wide, so the peer in this process gets it too
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:

@@ -27,6 +27,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
+    from fusionseg.runtime import tune_malloc; tune_malloc()  # noqa: E702 - as the CLI does (an entry point)
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
     ap.add_argument("--size", type=int, default=512)

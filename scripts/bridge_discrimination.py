@@ -4,11 +4,11 @@ Prints mean per-class accuracy per top-k. Reads ../shared/data/msrc_v2."""
 import numpy as np, torch, torch.nn.functional as F, time, sys
 from fusionseg.data.datasets import FolderDataset
 from fusionseg.encoders.base import build_image_encoder, build_text_encoder
-from fusionseg.model.bridge import ClassifierBridge
+from fusionseg.textcache import build_bridge
 from fusionseg.data.transforms import resize_image, to_tensor, pad_to, round_up
 torch.set_num_threads(2)
 enc = build_image_encoder("efficientnet-lite0"); txt = build_text_encoder("minilm-l6")
-t0 = time.time(); br = ClassifierBridge(enc, txt, top_k=10); print("bridge build", round(time.time()-t0,1), "s")
+t0 = time.time(); br = build_bridge(enc, txt, top_k=10); print("bridge build", round(time.time()-t0,1), "s")
 ds = FolderDataset("../shared/data/msrc_v2")
 novel = ["cow", "sheep", "cat", "dog", "boat", "flower"]
 ids = [ds.class_names.index(n) + 1 for n in novel]

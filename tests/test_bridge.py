@@ -10,6 +10,7 @@ from PIL import Image
 from fusionseg.data.transforms import pad_to, resize_image, round_up, to_tensor
 from fusionseg.encoders.base import EncoderError, build_image_encoder, build_text_encoder
 from fusionseg.model.bridge import ClassifierBridge
+from fusionseg.textcache import build_bridge
 
 from conftest import PoolEncoder
 
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def bridge(tmp_path_factory):
     enc = build_image_encoder("efficientnet-lite0")
     txt = build_text_encoder("minilm-l6")
-    return ClassifierBridge(enc, txt, top_k=10, cache_dir=tmp_path_factory.mktemp("bridge-cache")), enc, txt
+    return build_bridge(enc, txt, top_k=10, cache_dir=tmp_path_factory.mktemp("bridge-cache")), enc, txt
 
 
 def test_bridge_names_the_cat_by_meaning(bridge):
@@ -48,4 +49,42 @@ def test_bridge_names_the_cat_by_meaning(bridge):
 def test_bridge_needs_a_classifier():
     txt = build_text_encoder("minilm-l6")
     with pytest.raises(EncoderError, match="efficientnet-lite0"):
-        ClassifierBridge(PoolEncoder().freeze(), txt)
+        build_bridge(PoolEncoder().freeze(), txt)
+    with pytest.raises(EncoderError, match="efficientnet-lite0"):
+        ClassifierBridge(PoolEncoder().freeze(), torch.zeros(3, 4))
+
+
+def test_bridge_takes_its_label_embeddings_from_the_caller(tmp_path, monkeypatch):
+    """model/bridge.py reads and writes no files: the label embeddings come from the caller (from_words calls
+    the embedder it is given once, with every word); only fusionseg.textcache's builder uses the disk cache."""
+    import fusionseg.model.bridge as mb
+
+    class Classifier:
+        class_names = ("tabby cat", "dog")
+        spec = type("S", (), {"name": "stub"})()
+
+        def class_synonyms(self):
+            return [["tabby cat", "cat"], ["dog"]]
+
+        def classify_maps(self, maps):
+            return maps[-1]
+
+    monkeypatch.setenv("FUSIONSEG_CACHE", str(tmp_path / "cache"))
+    calls = []
+    vecs = {"cat": [1.0, 0.0], "tabby cat": [0.0, 1.0], "dog": [1.0, 1.0]}
+
+    def embed(words):
+        calls.append(list(words))
+        return torch.tensor([vecs[w] for w in words])
+
+    br = ClassifierBridge.from_words(Classifier(), embed, top_k=0)
+    assert calls == [["cat", "dog", "tabby cat"]]
+    r = 0.5 ** 0.5
+    assert torch.allclose(br.label_embeddings, torch.tensor([[r, r], [r, r]]))
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(TypeError, match="build_bridge"):
+        ClassifierBridge(Classifier(), build_text_encoder)  # the old form (a text encoder) is refused, not half-used
+    with pytest.raises(ValueError, match=r"\(2, D\)"):
+        ClassifierBridge(Classifier(), torch.zeros(3, 2))
+    src = Path(mb.__file__).read_text()
+    assert "features" not in src and "open(" not in src and "cache_dir" not in src

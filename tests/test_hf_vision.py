@@ -177,6 +177,12 @@ def test_clip_quick_gelu_swapped_bitwise_same(tmp_path):
     z = torch.randn(4, 64, requires_grad=True)
     act, plain = InplaceQuickGELU(), QuickGELUActivation()
     assert torch.equal(act(z), plain(z))
+    from fusionseg.runtime import fast_paths_as
+    with torch.no_grad():
+        zz = torch.randn(4, 64)
+        with fast_paths_as(False):  # the plain reference: a fresh product, the sigmoid's buffer untouched
+            off = act(zz)
+        assert torch.equal(off, act(zz)) and torch.equal(off, plain(zz))
     act(z).sum().backward()  # the in-place form would break this backward; the fallback does not
     g = z.grad.clone()
     z.grad = None

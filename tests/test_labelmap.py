@@ -89,6 +89,24 @@ def test_labels_from_logits_upsampling_matches_dense_with_padding_region():
     assert np.array_equal(lab, want[0]) and np.abs(sc - want[1]).max() < 1e-5
 
 
+def test_labels_from_logits_fast_path_switch(monkeypatch):
+    """With the fast paths off (fusionseg.runtime.fast_paths) labels_from_logits resamples every class (the plain
+    reference, resample_argmax never called); on, it prunes: the same labels, scores within 1e-5."""
+    import fusionseg.tiling as T
+    from fusionseg.runtime import fast_paths_as
+    lg = smooth_logits(6, 24, 32, seed=5)
+    calls = []
+    real = T.resample_argmax
+    monkeypatch.setattr(T, "resample_argmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with fast_paths_as(False):
+        plain = labels_from_logits(lg, (300, 200), 0.5)
+    assert calls == []
+    fast_ = labels_from_logits(lg, (300, 200), 0.5)
+    assert calls == [1]
+    assert np.array_equal(plain[0], fast_[0]) and np.abs(plain[1] - fast_[1]).max() < 1e-5
+    assert len(np.unique(plain[0])) > 2
+
+
 def test_ties_go_to_the_lower_class_everywhere():
     lg = smooth_logits(1, 6, 6).expand(4, -1, -1).clone()  # four identical maps
     lab, _ = fast(lg, (30, 30), 0.0, background=True, max_mixed=1.0)

@@ -121,7 +121,7 @@ def resample_argmax(src: Tensor, size: tuple[int, int], threshold: float, backgr
     its sigmoid score is below ``threshold`` unless ``background``; scores ``(H, W)`` float32: the best class's
     sigmoid), or None when more than ``max_mixed`` of the cells have several candidates (noisy maps: resample
     densely instead). ``region`` = (w, h) in source pixels that the output covers (default: all of ``src``;
-    smaller when it also holds padding), as :func:`fusionseg.segmenter.upsample_rows` takes it.
+    smaller when it also holds padding), as :func:`fusionseg.tiling.upsample_rows` takes it.
 
     Every pixel is first resampled for its cell's first candidate only, separably; the pixels of cells with
     more candidates are then resampled for those (or, beyond ``slots``, for every class) one by one."""

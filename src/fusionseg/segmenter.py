@@ -11,8 +11,6 @@ memory stays bounded whatever the working size. Several images of one padded sha
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,19 +22,22 @@ import torch.nn.functional as F
 from .choices import MODES
 from .data.io import load_image_with_size
 from .data.transforms import pad_to, resize_image, round_up, to_tensor
-from .labelmap import argmax_classes, resample_argmax, write_band
-from .model.bridge import refine_with_model
 from .model.checkpoint import load_model
+from .model.scoring import KNOWN_NAME_SIMILARITY, known_from_similarity, resolve_mode
+from .textcache import TextCache, build_bridge, vocabulary_embeddings
+from .tiling import (OVERLAP, _frac, _owned, _starts, labels_from_logits, stitch_windows,  # noqa: F401 - re-exported
+                     upsample_crop, upsample_rows)
+
+# Re-exported here, where they were first defined (callers import them from fusionseg.segmenter).
+__all__ = ["Segmenter", "Prediction", "Prepared", "Preparer", "EncodedImage", "TextCache", "parse_class_names",
+           "labels_from_logits", "upsample_crop", "upsample_rows", "MAX_CLASSES", "AUTO_TILE_ABOVE", "DEFAULT_TILE",
+           "OVERLAP", "KNOWN_NAME_SIMILARITY", "MODES"]
 
 MAX_CLASSES = 1000
 #: Working sizes (longer side, px) above this are tiled automatically (memory), unless ``tile=0``.
 AUTO_TILE_ABOVE = 1536
 #: Window side (px, at the working size) used by automatic tiling.
 DEFAULT_TILE = 768
-#: Fraction of a window shared with its neighbour (features are kept up to the middle of the overlap).
-OVERLAP = 0.5
-#: fusion+bridge: a name whose text embedding has cosine >= this with a training name counts as known.
-KNOWN_NAME_SIMILARITY = 0.85
 
 
 @dataclass
@@ -122,56 +123,6 @@ def parse_class_names(spec: str | Sequence[str], limit: int = MAX_CLASSES) -> li
     return names
 
 
-class TextCache:
-    """A bounded LRU of text embeddings keyed by (text-encoder fingerprint, templates, name).
-
-    The key names everything the embedding depends on, so one cache may be shared by several models: two
-    models with the same text encoder and templates reuse each other's entries, others never collide.
-    Entries are ``(dim,)`` float tensors; ``hits``/``misses`` count look-ups (for benchmarks and tests).
-    """
-
-    def __init__(self, maxsize: int = 4096):
-        if maxsize < 1:
-            raise ValueError(f"text cache size must be at least 1, got {maxsize}")
-        self.maxsize = int(maxsize)
-        self._d: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()  # a server shares one Segmenter between worker threads
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(fingerprint: str, templates, name: str) -> tuple:
-        t = templates if isinstance(templates, str) or templates is None else tuple(str(s) for s in templates)
-        return (str(fingerprint), t, name)
-
-    def get(self, key: tuple) -> torch.Tensor | None:
-        with self._lock:
-            v = self._d.get(key)
-            if v is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self._d.move_to_end(key)
-            return v
-
-    def put(self, key: tuple, value: torch.Tensor) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.maxsize:
-                self._d.popitem(last=False)
-
-    def clear(self) -> None:
-        self._d.clear()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def __contains__(self, key: tuple) -> bool:
-        return key in self._d
-
-
 @dataclass(frozen=True)
 class Preparer:
     """image -> :class:`Prepared` for a working ``size``, the encoder's ``mean``/``std`` and padding ``multiple``."""
@@ -210,15 +161,11 @@ class Segmenter:
                  text_cache_size: int = 4096, mode: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        if mode == "auto":
-            from .model.bridge import has_classifier
-            mode = "fusion+bridge" if has_classifier(model.image_encoder) else "fusion"
+        from .model.bridge import has_classifier
+        mode = resolve_mode(mode, has_classifier(model.image_encoder))
         self.model = model.eval()
         self.meta = meta
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            from .runtime import tune_malloc
-            tune_malloc()  # large activations reused from the heap, not page-faulted in on every call
         self.size = int(size or meta.get("image_size", 320))
         if self.size < 8:
             raise ValueError(f"working size must be at least 8 px, got {self.size}")
@@ -233,31 +180,34 @@ class Segmenter:
         if mode != "fusion":  # fail now, naming the encoders that have a classifier; build the bridge on first use
             from .model.bridge import require_classifier
             require_classifier(model.image_encoder)
+        #: The scoring policy (:class:`~fusionseg.model.scoring.Scorer`): modes, known names, the bridge.
+        self.scorer = model.scorer(mode, bridge=lambda: self.bridge,
+                                   vocabulary=meta.get("training", {}).get("vocabulary") or [],
+                                   vocabulary_embeddings=self._vocabulary_embeddings)
 
     @property
     def bridge(self):
         """The :class:`~fusionseg.model.bridge.ClassifierBridge` of this model's encoders (built on first use)."""
         if self._bridge is None:
-            from .model.bridge import ClassifierBridge
-            self._bridge = ClassifierBridge(self.model.image_encoder, self.model.text_encoder)
+            self._bridge = build_bridge(self.model.image_encoder, self.model.text_encoder)
         return self._bridge
+
+    def _vocabulary_embeddings(self) -> torch.Tensor:
+        if self._vocab_emb is None:  # kept on disk (FUSIONSEG_CACHE): embedding it takes ~2 s per process
+            vocab = self.meta.get("training", {}).get("vocabulary") or []
+            self._vocab_emb = vocabulary_embeddings(vocab, self.model.templates, self.model.text_encoder) \
+                .to(self.device).float()
+        return self._vocab_emb
 
     def known_names(self, names: Sequence[str]) -> list[bool]:
         """Per name: True when its text embedding has cosine >= :data:`KNOWN_NAME_SIMILARITY` with a name the
         model was trained on (a checkpoint without a recorded vocabulary: every name counts as known)."""
-        vocab = self.meta.get("training", {}).get("vocabulary") or []
-        if not vocab:
-            return [True] * len(names)
-        members = set(vocab)
-        if all(n in members for n in names):  # each has cosine 1 with itself (embeddings are L2-normalised):
-            return [True] * len(names)  # no need to embed the whole vocabulary at all
-        if self._vocab_emb is None:  # kept on disk (FUSIONSEG_CACHE): embedding it takes ~2 s per process
-            from .data.features import cached_text_embeddings
-            emb, _ = cached_text_embeddings(list(vocab), self.model.templates, encoder=self.model.text_encoder,
-                                            must_persist=False)
-            self._vocab_emb = emb.to(self.device).float()
-        q = self.text_embeddings(list(names)).float()
-        return ((q @ self._vocab_emb.T).max(1).values >= KNOWN_NAME_SIMILARITY).tolist()
+        return known_from_similarity(self.name_similarity(names), len(names))
+
+    def name_similarity(self, names: Sequence[str]) -> torch.Tensor | None:
+        """``(N,)`` max cosine of each name's text embedding with the training vocabulary (None: the checkpoint
+        records none); names all in the vocabulary are not embedded at all."""
+        return self.scorer.similarity(list(names), lambda: self.text_embeddings(list(names)))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", device: str | None = None, **kw) -> "Segmenter":
@@ -313,11 +263,8 @@ class Segmenter:
             return self.bridge_maps(x)
 
     def _uses_bridge(self, names: Sequence[str]) -> bool:
-        """Whether scoring ``names`` in this mode reads the bridge."""
-        if self.mode == "fusion":
-            return False
-        return self.mode == "bridge" or bool(getattr(self.model.head.cfg, "prior", False)) \
-            or not all(self.known_names(names))
+        """Whether scoring ``names`` in this mode reads the bridge (its maps are made only then, on first read)."""
+        return self.scorer.uses_bridge(list(names), lambda: self.text_embeddings(list(names)))
 
     def bridge_maps(self, x: torch.Tensor) -> list | None:
         """Padded input canvas ``(B, 3, H, W)`` -> the encoder's maps of the same canvas scaled so its longer side
@@ -341,7 +288,7 @@ class Segmenter:
         text = self.text_embeddings(names)
         with self._autocast():
             low = self.low_logits(encoded.visual, names, text, [_frac(encoded.valid, encoded.padded)],
-                                  encoded.bridge_visual if self._uses_bridge(names) else None)
+                                  lambda: encoded.bridge_visual)
         return upsample_crop(low, encoded.padded, encoded.valid)[0].float()
 
     def low_logits(self, visual, names: Sequence[str], text: torch.Tensor,
@@ -352,40 +299,9 @@ class Segmenter:
         those names (:func:`~fusionseg.model.bridge.refine_with_model`); a model trained with the bridge as
         input instead takes every name, the unknown ones with its unknown-name token.
         ``valid``: per batch item the (height, width) fractions of the maps that show the image (default all);
-        ``bridge_visual``: :meth:`bridge_maps` of the same canvas (the bridge reads those when given)."""
-        cfg = self.model.head.cfg
-        with_prior = bool(getattr(cfg, "prior", False))
-        unknown = None
-        if self.mode == "fusion":
-            fused = list(range(len(names)))
-        elif self.mode == "bridge":
-            fused = []
-        elif with_prior:
-            fused = list(range(len(names)))
-            unknown = torch.tensor([not k for k in self.known_names(names)], device=self.device)
-        else:
-            fused = [i for i, k in enumerate(self.known_names(names)) if k]
-        bv = bridge_visual if bridge_visual is not None else visual
-        if len(fused) == len(names):
-            prior = self.bridge.logits(bv, text, tuple(visual[-1].shape[-2:])) if with_prior else None
-            return self.model.head(visual, text, prior=prior, unknown=unknown)
-        # Known names are decoded together without the others (class tokens attend to each other), so a
-        # name's fusion score does not depend on which unknown names were asked alongside it.
-        ref = visual[max(cfg.token_levels(), key=lambda i: cfg.visual_strides[i])]
-        f = cfg.token_stride // cfg.output_stride
-        hl, wl = ref.shape[-2] * f, ref.shape[-1] * f
-        out = torch.empty(ref.shape[0], len(names), hl, wl, device=ref.device)
-        if fused:
-            out[:, fused] = _resized(self.model.head(visual, text[fused]).float(), (hl, wl))
-        known = set(fused)
-        bridged = [i for i in range(len(names)) if i not in known]
-        br = self.bridge.logits(bv, text[bridged], (hl, wl)).float()
-        if self.mode == "fusion+bridge":  # the unknown names decoded together, without the known ones
-            lo = _resized(self.model.head(visual, text[bridged]).float(), (hl, wl))
-            claimed = out[:, fused].sigmoid().amax(1) if fused else None  # known names have priority
-            br = refine_with_model(br, lo, valid, claimed=claimed)
-        out[:, bridged] = br
-        return out
+        ``bridge_visual``: :meth:`bridge_maps` of the same canvas, or a callable giving them on first use (the
+        bridge reads those when given). The policy is :attr:`scorer` (:mod:`fusionseg.model.scoring`)."""
+        return self.model.score(visual, text, self.scorer, names, valid, bridge_visual)
 
     def foreground(self, encoded: "EncodedImage", name: str, threshold: float | None = None) -> torch.Tensor:
         """One name alone -> ``(H, W)`` bool mask at the original size (sigmoid >= threshold): its label map, where
@@ -447,9 +363,8 @@ class Segmenter:
             x = torch.cat([preps[i].x for i in idx]).to(self.device)
             with self._autocast():
                 visual = self.model.encode_image(x)
-                small = self.bridge_maps(x) if self._uses_bridge(names) else None
                 low = self.low_logits(visual, names, text, [_frac(preps[i].valid, shape) for i in idx],
-                                      small)  # (B, N, Hp/os, Wp/os)
+                                      lambda: self.bridge_maps(x))  # (B, N, Hp/os, Wp/os)
             for b, i in enumerate(idx):
                 lg = upsample_crop(low[b:b + 1], shape, preps[i].valid)[0].float()
                 labels, scores = labels_from_logits(lg, preps[i].orig, thr, background)
@@ -470,106 +385,13 @@ class Segmenter:
         x = pad_to(p.x, round_up(p.x.shape[-2], a), round_up(p.x.shape[-1], a))
         Hp, Wp = x.shape[-2:]
         t = round_up(max(int(tile), a), a)
-        th, tw = min(t, Hp), min(t, Wp)
-        ys, xs = _starts(Hp, th, a), _starts(Wp, tw, a)
-        by, bx = _owned(ys, th, Hp, a), _owned(xs, tw, Wp, a)
-        maps: list[torch.Tensor] | None = None
-        wins = [(j, i) for j in range(len(ys)) for i in range(len(xs))]
-        for k in range(0, len(wins), 1):  # one window at a time: memory bounded by one window
-            chunk = wins[k:k + 1]
-            xb = torch.cat([x[..., ys[j]:ys[j] + th, xs[i]:xs[i] + tw] for j, i in chunk]).to(self.device)
+
+        def encode(xb: torch.Tensor) -> list:
             with self._autocast():
-                feats = self.model.encode_image(xb)
-            if maps is None:
-                maps = [torch.zeros(1, f.shape[1], Hp // s, Wp // s, dtype=f.dtype, device=f.device)
-                        for f, s in zip(feats, enc.strides)]
-            for n, (j, i) in enumerate(chunk):
-                (y0, y1), (x0, x1) = by[j], bx[i]
-                for f, m, s in zip(feats, maps, enc.strides):
-                    m[0, :, y0 // s:y1 // s, x0 // s:x1 // s] = \
-                        f[n, :, (y0 - ys[j]) // s:(y1 - ys[j]) // s, (x0 - xs[i]) // s:(x1 - xs[i]) // s]
+                return self.model.encode_image(xb)
+
+        maps = stitch_windows(x, t, a, enc.strides, encode, self.device)
         with self._autocast():
-            small = self.bridge_maps(x.to(self.device)) if self._uses_bridge(names) else None
-            low = self.low_logits(maps, names, text, [_frac((h, w), (Hp, Wp))], small)
+            low = self.low_logits(maps, names, text, [_frac((h, w), (Hp, Wp))],
+                                  lambda: self.bridge_maps(x.to(self.device)))
         return low[0].float(), (w / os_, h / os_)
-
-
-def _owned(starts: list[int], tile: int, total: int, align: int) -> list[tuple[int, int]]:
-    """For windows at ``starts`` of side ``tile``: the span each one owns, split at the middle of each overlap."""
-    cuts = [0] + [min(total, (s1 + s0 + tile) // 2 // align * align) for s0, s1 in zip(starts, starts[1:])] + [total]
-    return [(cuts[k], cuts[k + 1]) for k in range(len(starts))]
-
-
-def _starts(total: int, tile: int, align: int) -> list[int]:
-    """Window starts (multiples of ``align``) covering ``total`` with windows of ``tile``, overlap >= tile/4."""
-    if total <= tile:
-        return [0]
-    step = max(align, (tile - int(tile * OVERLAP)) // align * align)
-    n = -(-(total - tile) // step) + 1
-    starts = sorted({min(total - tile, round(i * (total - tile) / (n - 1) / align) * align) for i in range(n)})
-    return starts
-
-
-def _resized(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``(B, N, h, w)`` bilinearly resampled to ``size`` (align_corners=False), or as it is when already that size."""
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def _frac(valid: tuple[int, int], padded: tuple[int, int]) -> tuple[float, float]:
-    """(h, w) of the image inside a padded (H, W) input -> the fractions (h / H, w / W)."""
-    return valid[0] / padded[0], valid[1] / padded[1]
-
-
-def upsample_crop(low: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
-    """``(B, N, hl, wl)`` -> ``(B, N, h, w)``: bilinear to ``padded`` (align_corners=False), cropped to ``valid``.
-
-    """
-    H, W = padded
-    h, w = valid
-    if tuple(low.shape[-2:]) == (H, W):
-        return low[..., :h, :w]
-    return F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)[..., :h, :w]
-
-
-def upsample_rows(lg: torch.Tensor, size: tuple[int, int], rows: int, region: tuple[float, float] | None = None):
-    """Yield (y0, y1, band) with ``band`` = logits ``(N, h, w)`` bilinearly resampled to rows y0:y1 of an image
-    of ``size`` = (W, H); bands keep memory bounded for huge images. ``region`` = (w, h) in ``lg`` pixels that
-    the image covers (default: all of ``lg``; smaller when ``lg`` also holds padding)."""
-    W, H = size
-    src = lg[None].float()
-    hs, ws = lg.shape[-2:]
-    rw, rh = region if region is not None else (ws, hs)
-    xs = ((torch.arange(W, dtype=torch.float32) + 0.5) / W * rw) / ws * 2 - 1
-    for y0 in range(0, H, rows):
-        y1 = min(H, y0 + rows)
-        ys = ((torch.arange(y0, y1, dtype=torch.float32) + 0.5) / H * rh) / hs * 2 - 1
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        grid = torch.stack([gx, gy], -1)[None].to(src.device)
-        yield y0, y1, F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-
-
-def labels_from_logits(lg: torch.Tensor, size: tuple[int, int], threshold: float, background: bool = False,
-                       region: tuple[float, float] | None = None):
-    """logits ``(N, h, w)`` -> (labels ``(H, W)`` uint16, scores ``(H, W)`` float32) at ``size`` = (W, H).
-
-    When ``size`` is the logits' own size the resampling is skipped (it would be the identity). When it is at
-    least twice as large on average, only the classes that can win at each pixel are resampled
-    (:mod:`fusionseg.labelmap`: the same labels and scores, several times faster for photos above the working
-    size), unless the maps are too noisy for that to pay."""
-    W, H = size
-    n = lg.shape[0]
-    hs, ws = lg.shape[-2:]
-    if H * W >= 4 * hs * ws:
-        out = resample_argmax(lg, size, threshold, background, region)
-        if out is not None:
-            return out
-    labels = np.empty((H, W), dtype=np.uint16)
-    scores = np.empty((H, W), dtype=np.float32)
-    rows = max(1, int(4_000_000 // max(1, W * n)))  # rows per band: bounded memory
-    if region is None and (hs, ws) == (H, W):
-        bands = ((y0, min(H, y0 + rows), lg[:, y0:y0 + rows].float()) for y0 in range(0, H, rows))
-    else:
-        bands = upsample_rows(lg, size, rows, region)
-    for y0, _, up in bands:
-        write_band(labels, scores, y0, *argmax_classes(up), threshold, background)
-    return labels, scores

@@ -4,6 +4,10 @@ Image encoders map normalised pixels ``(B, 3, H, W)`` to a list of feature maps
 ``[(B, C_i, H / s_i, W / s_i)]`` with ``strides`` and ``channels`` declared up front.
 Text encoders map class names to L2-normalised embeddings ``(N, dim)``.
 Both are frozen: eval mode, ``requires_grad=False``, called under ``torch.no_grad()``.
+
+The registry (``register_*_encoder`` / ``build_*_encoder``) imports no implementation: each implementation
+module registers its names when imported, and the package (``fusionseg/encoders/__init__.py``) imports them
+all, so any import of ``fusionseg.encoders.*`` sees the full table (as timm's model registry works).
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ..runtime import fast_paths
 
 
 class EncoderError(ValueError):
@@ -51,11 +57,12 @@ class InplaceQuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)`` (CLIP's activation) with one fewer temporary: the product is written into the
     sigmoid's own output. Bitwise the same as ``transformers``' ``QuickGELUActivation``; on the CPU it saves
     about 6% of a CLIP ViT-B/16 forward (the 3072-wide temporaries cost page faults, not arithmetic). Falls back
-    to the plain form when autograd needs the sigmoid's output."""
+    to the plain form when autograd needs the sigmoid's output, or when the fast paths are off
+    (:func:`fusionseg.runtime.fast_paths`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         y = torch.sigmoid(1.702 * x)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if (torch.is_grad_enabled() and x.requires_grad) or not fast_paths():
             return x * y
         return y.mul_(x)
 
@@ -145,7 +152,6 @@ def register_text_encoder(prefix: str):
 
 
 def _lookup(table: dict, name: str, kind: str):
-    _ensure_registered()
     if name in table:
         return table[name]
     for prefix, fn in table.items():
@@ -166,10 +172,5 @@ def build_text_encoder(name: str) -> TextEncoder:
 
 
 def available_encoders() -> dict[str, list[str]]:
-    _ensure_registered()
     return {"image": sorted(_IMAGE), "text": sorted(_TEXT)}
 
-
-def _ensure_registered() -> None:
-    # Importing the modules runs their @register decorators.
-    from . import efficientnet_lite, hf_text, hf_vision  # noqa: F401

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..runtime import fast_paths
 from .base import EncoderError, EncoderSpec, ImageEncoder, fingerprint_state, register_image_encoder
 
 #: TF BatchNorm epsilon used by the original checkpoints.
@@ -117,18 +118,14 @@ def _bn(ch: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(ch, eps=BN_EPS, momentum=0.01)
 
 
-#: Fold each BatchNorm into the convolution before it when the network runs frozen (eval mode, weights without
-#: gradients). Same function up to float rounding (outputs within 1e-5 relative); about 15% less time for the
-#: default encoder, which no longer runs 49 separate BatchNorm passes. Set to False to compare.
-FOLD_BN = True
-
-
-#: On the CPU, run each folded convolution and its ReLU6 as one oneDNN call
-#: (``torch.ops.mkldnn._convolution_pointwise``, the fused op ``torch.compile``'s CPU backend emits): the same
-#: outputs (bitwise here) without a second pass over every activation, about 8% less encoder time. Checked
-#: once per process against the plain path on a small input; a build without the op, or one that disagrees,
-#: keeps the plain path. Set to False to compare.
-FUSE_RELU6 = True
+# Fast path (switch: fusionseg.runtime.fast_paths, env FUSIONSEG_FAST=0 for the plain path): when the network
+# runs frozen (eval mode, weights without gradients) each BatchNorm is folded into the convolution before it
+# (SameConv2d.folded: same function up to float rounding, outputs within 1e-5 relative; about 15% less time for
+# the default encoder, which no longer runs 49 separate BatchNorm passes), and on the CPU each folded
+# convolution and its ReLU6 run as one oneDNN call (``torch.ops.mkldnn._convolution_pointwise``, the fused op
+# ``torch.compile``'s CPU backend emits): the same outputs (bitwise here) without a second pass over every
+# activation, about 8% less encoder time. The op is checked once per process against the plain path on a
+# small input; a build without it, or one that disagrees, keeps the folded conv + ReLU6.
 _fused_state: dict[str, bool] = {}
 
 
@@ -158,12 +155,13 @@ def _fused_op():
 
 
 def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: Tensor, relu6: bool = True) -> Tensor:
-    """``relu6(bn(conv(x)))`` (or without the ReLU6): one convolution with the BatchNorm folded in when frozen
-    (with the ReLU6 fused into it on the CPU), the ReLU6 in place when no gradient is recorded."""
+    """``relu6(bn(conv(x)))`` (or without the ReLU6), the plain reference; with the fast paths on
+    (:func:`fusionseg.runtime.fast_paths`), one convolution with the BatchNorm folded in when frozen (with the
+    ReLU6 fused into it on the CPU). The ReLU6 runs in place when no gradient is recorded."""
     grad = torch.is_grad_enabled()
-    if FOLD_BN and not bn.training and not (grad and conv.weight.requires_grad):
+    if fast_paths() and not bn.training and not (grad and conv.weight.requires_grad):
         w, b, pad = conv.folded(bn, tuple(x.shape[-2:]))
-        if FUSE_RELU6 and x.device.type == "cpu" and x.dtype == torch.float32 and not (grad and x.requires_grad):
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not (grad and x.requires_grad):
             op = _fused_op()
             if op is not None:
                 act, scalars = ("hardtanh", [0.0, 6.0]) if relu6 else ("none", [])

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .base import (EncoderError, EncoderSpec, ImageEncoder, fingerprint_state, lean_activations,
                    register_image_encoder)
-from .hf_text import _one_line, _quiet, optional_file, resolve_ref
+from ._hf import one_line as _one_line, optional_file, quiet as _quiet, resolve_ref
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -301,8 +301,8 @@ class Trainer:
         self.bridge = None
         if cfg.bridge_prior:
             from ..encoders.base import build_text_encoder
-            from ..model.bridge import ClassifierBridge
-            self.bridge = ClassifierBridge(enc, build_text_encoder(cfg.text_encoder), cache_dir=cfg.cache_dir)
+            from ..textcache import build_bridge
+            self.bridge = build_bridge(enc, build_text_encoder(cfg.text_encoder), cache_dir=cfg.cache_dir)
         self.head = head = FusionHead(mcfg).to(self.device)
         self.params = [p for p in head.parameters() if p.requires_grad]
         decay = [p for n, p in head.named_parameters() if p.requires_grad and p.dim() >= 2]

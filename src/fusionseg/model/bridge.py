@@ -11,7 +11,7 @@ members sit near the query in the embedding space.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,31 +47,57 @@ def require_classifier(image_encoder) -> None:
                            f"image-classification checkpoint with named labels, e.g. hf:google/vit-base-patch16-224)")
 
 
+def label_words(image_encoder, groups: bool = True) -> tuple[list[list[str]], list[str]]:
+    """-> (per class its words: synonyms and, for ImageNet-1k with ``groups``, coarse WordNet hypernyms; every
+    distinct word, sorted)."""
+    require_classifier(image_encoder)
+    synonyms = image_encoder.class_synonyms() if hasattr(image_encoder, "class_synonyms") \
+        else [[n] for n in image_encoder.class_names]
+    if groups and len(synonyms) == 1000:  # ImageNet-1k: add the coarse WordNet hypernyms
+        from .imagenet_groups import imagenet_groups
+        synonyms = [list(s) + [g for g in gr if g not in s] for s, gr in zip(synonyms, imagenet_groups())]
+    words = sorted({w for syn in synonyms for w in syn})
+    return synonyms, words
+
+
 class ClassifierBridge:
     """Training-free open-vocabulary scores through a classifier's named classes.
 
     Each class label is embedded from its synonyms and, for ImageNet-1k, its coarse WordNet hypernyms
     (:mod:`fusionseg.model.imagenet_groups`: "ram, tup" also says "sheep"). :meth:`logits` turns the expected
     similarity into a logit with a fixed "none of these" point ``center`` (sigmoid 0.5) and scale ``width``.
+
+    Takes the label embeddings ``(K, D)`` ready made (nothing here reads files): build one from a text encoder
+    with :func:`fusionseg.textcache.build_bridge`, which keeps the words' embeddings in the on-disk text cache,
+    or with :meth:`from_words` and any word embedder.
     """
 
-    def __init__(self, image_encoder, text_encoder, top_k: int = 10, label_templates: str = "none",
-                 cache_dir=None, groups: bool = True, center: float = BRIDGE_CENTER, width: float = BRIDGE_WIDTH):
+    def __init__(self, image_encoder, label_embeddings: Tensor, top_k: int = 10, center: float = BRIDGE_CENTER,
+                 width: float = BRIDGE_WIDTH):
         require_classifier(image_encoder)
-        from ..data.features import cached_text_embeddings
+        if not isinstance(label_embeddings, Tensor):
+            raise TypeError("ClassifierBridge takes the class labels' embeddings (K, D); to build it from a text "
+                            "encoder use fusionseg.textcache.build_bridge (embeddings kept on disk) or "
+                            "ClassifierBridge.from_words")
+        k = len(image_encoder.class_names)
+        if label_embeddings.dim() != 2 or label_embeddings.shape[0] != k:
+            raise ValueError(f"label embeddings must be ({k}, D) for {image_encoder.spec.name}'s {k} classes, "
+                             f"got {tuple(label_embeddings.shape)}")
         self.image_encoder = image_encoder
         self.top_k = top_k
         self.center, self.width = float(center), float(width)
-        synonyms = image_encoder.class_synonyms() if hasattr(image_encoder, "class_synonyms") \
-            else [[n] for n in image_encoder.class_names]
-        if groups and len(synonyms) == 1000:  # ImageNet-1k: add the coarse WordNet hypernyms
-            from .imagenet_groups import imagenet_groups
-            synonyms = [list(s) + [g for g in gr if g not in s] for s, gr in zip(synonyms, imagenet_groups())]
-        words = sorted({w for syn in synonyms for w in syn})
-        emb, _ = cached_text_embeddings(words, label_templates, cache_dir, encoder=text_encoder, must_persist=False)
+        self.label_embeddings = label_embeddings  # (K, D)
+
+    @classmethod
+    def from_words(cls, image_encoder, embed: Callable[[list[str]], Tensor], top_k: int = 10, groups: bool = True,
+                   **kw) -> "ClassifierBridge":
+        """Build from a word embedder: ``embed(words) -> (len(words), D)`` is called once with every word of
+        :func:`label_words`; each class's embedding is the normalised mean of its words'."""
+        synonyms, words = label_words(image_encoder, groups)
+        emb = embed(words)
         row = {w: i for i, w in enumerate(words)}
         labels = torch.stack([F.normalize(emb[[row[w] for w in syn]].mean(0), dim=0) for syn in synonyms])
-        self.label_embeddings = labels  # (K, D)
+        return cls(image_encoder, labels, top_k=top_k, **kw)
 
     def probabilities(self, maps: Sequence[Tensor]) -> Tensor:
         """Encoder maps -> ``(B, K, h, w)`` class probabilities, all but the top-k per location zeroed."""

@@ -175,6 +175,12 @@ class Fusioner(nn.Module):
         """Cached-feature path: see :meth:`FusionHead.forward`."""
         return self.head(visual, text, out_size)
 
+    def scorer(self, mode: str = "fusion", **kw):
+        """The scoring policy of this model in ``mode`` (:class:`~fusionseg.model.scoring.Scorer`; ``kw``: its
+        providers ``bridge``, ``vocabulary``, ``vocabulary_embeddings`` and the ``combine`` function)."""
+        from .scoring import Scorer
+        return Scorer(self.head, mode, **kw)
+
     @torch.no_grad()
     def encode_image(self, pixels: Tensor) -> list[Tensor]:
         return self.image_encoder(pixels)
@@ -183,8 +189,19 @@ class Fusioner(nn.Module):
     def encode_text(self, class_names: Sequence[str]) -> Tensor:
         return self.text_encoder.encode(list(class_names), self.templates)
 
-    def forward(self, pixels: Tensor, class_names: Sequence[str]) -> Tensor:
-        """pixels: normalised ``(B, 3, H, W)``; -> logits ``(B, N, H, W)``."""
+    def score(self, visual: Sequence[Tensor], text: Tensor, scorer=None, names: Sequence[str] | None = None,
+              valid=None, bridge_visual=None) -> Tensor:
+        """Encoder maps + name embeddings -> logits ``(B, N, hl, wl)`` at the decoder's resolution, scored by
+        ``scorer`` (:class:`~fusionseg.model.scoring.Scorer`; None: the trained head for every name)."""
+        if scorer is None:
+            return self.head(visual, text)
+        return scorer(visual, text, names, valid, bridge_visual)
+
+    def forward(self, pixels: Tensor, class_names: Sequence[str], scorer=None) -> Tensor:
+        """pixels: normalised ``(B, 3, H, W)``; -> logits ``(B, N, H, W)`` (``scorer``: see :meth:`score`)."""
         visual = self.encode_image(pixels)
         text = self.encode_text(class_names).to(pixels.device)
-        return self.head(visual, text, tuple(pixels.shape[-2:]))
+        if scorer is None:
+            return self.head(visual, text, tuple(pixels.shape[-2:]))
+        low = self.score(visual, text, scorer, class_names)
+        return F.interpolate(low.float(), size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False)

@@ -44,6 +44,7 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, access_lo
     """Load the model, bind ``host:port`` and serve until interrupted. ``on_ready(url)`` is called once
     listening (the CLI prints the address)."""
     import uvicorn
+    from ..runtime import tune_malloc; tune_malloc()  # noqa: E702 - an entry point: large buffers kept in the heap
     sock = bind(host, port)
     app = create_app(cfg)
     real_port = sock.getsockname()[1]
