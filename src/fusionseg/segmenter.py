@@ -27,8 +27,8 @@ from .data.transforms import pad_to, resize_image, round_up, to_tensor
 from .labelmap import argmax_classes, resample_argmax, write_band
 from .model.bridge import refine_with_model
 from .model.checkpoint import load_model
+from .names import MAX_CLASSES, parse_class_names  # noqa: F401  (the one class-name policy; re-exported)
 
-MAX_CLASSES = 1000
 #: Working sizes (longer side, px) above this are tiled automatically (memory), unless ``tile=0``.
 AUTO_TILE_ABOVE = 1536
 #: Window side (px, at the working size) used by automatic tiling.
@@ -101,25 +101,6 @@ class Prediction:
                          "mean_score": round(sums[k] / counts[k], 4) if counts[k] else None}
         return {"width": w, "height": h, "classes": list(self.class_names),
                 "none_fraction": round(counts[0] / total, 6), "per_class": per}
-
-
-def parse_class_names(spec: str | Sequence[str], limit: int = MAX_CLASSES) -> list[str]:
-    """'cat, sofa, potted plant' or a list -> trimmed names. Raises ValueError on empty, duplicate or too many."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [" ".join(str(n).split()) for n in items]
-    if any(not n for n in names) and any(names):
-        names = [n for n in names if n]  # tolerate "cat, , dog" trailing commas
-    if not names or not any(names):
-        raise ValueError("the class list is empty; give names like --classes \"cat, sofa, potted plant\"")
-    seen: dict[str, str] = {}
-    for n in names:
-        key = n.casefold()
-        if key in seen:
-            raise ValueError(f"duplicate class name {n!r} (same as {seen[key]!r} after trimming and case-folding)")
-        seen[key] = n
-    if len(names) > limit:
-        raise ValueError(f"{len(names)} class names given; the limit is {limit}")
-    return names
 
 
 class TextCache:

@@ -45,8 +45,10 @@ class Sample:
 
 
 def normalize_name(name: str) -> str:
-    """Canonical form of a class name for matching across datasets: trimmed, lower case, ``_``/``-`` as space."""
-    return " ".join(name.replace("_", " ").replace("-", " ").strip().lower().split())
+    """Canonical form of a class name for matching across datasets: trimmed, lower case, ``_``/``-`` as space
+    (:func:`fusionseg.names.match_key`, the one class-name policy)."""
+    from ..names import match_key
+    return match_key(name)
 
 
 class FolderDataset:
