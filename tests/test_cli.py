@@ -40,7 +40,10 @@ def test_segment_folder_input(tiny_ckpt, tmp_path, capsys):
     code, _, err = run(["segment", ds / "images", "--classes", "square", "--model", ckpt, "--out", tmp_path / "o",
                         "--no-overlay"], capsys)
     assert code == 0, err
-    assert len(list((tmp_path / "o").glob("*.json"))) == 6
+    assert len(list((tmp_path / "o").glob("img*.json"))) == 6
+    summary = json.loads((tmp_path / "o" / "fusionseg-summary.json").read_text())
+    assert summary["ok"] == 6 and summary["failed"] == 0 and summary["exit_code"] == 0
+    assert [s["status"] for s in summary["images"]] == ["ok"] * 6
 
 
 @pytest.mark.parametrize("classes,msg", [("", "empty"), (" , ,", "empty"), ("cat, Cat ", "duplicate"),

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .choices import MODES
-from .data.io import load_image_with_size
+from .data.io import DEFAULT_MAX_PIXELS, load_image_with_size
 from .data.transforms import pad_to, resize_image, round_up, to_tensor
 from .labelmap import argmax_classes, resample_argmax, write_band
 from .model.bridge import refine_with_model
@@ -161,11 +161,12 @@ class Preparer:
     mean: tuple
     std: tuple
     multiple: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS  # on the size the file declares (the label map is made at that size)
 
     def __call__(self, image) -> Prepared:
         # Decode at up to twice the working size (JPEG draft mode keeps huge photos cheap), then one
         # antialiased resize as in training, so the result hardly depends on how the file was decoded.
-        img, orig = load_image_with_size(image, max_side=2 * max(self.size, 1))
+        img, orig = load_image_with_size(image, max_side=2 * max(self.size, 1), max_pixels=self.max_pixels)
         img = resize_image(img, self.size)
         x = to_tensor(img)[None]
         x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
@@ -188,7 +189,7 @@ class Segmenter:
 
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
                  threshold: float | None = None, tile: int | None = None, text_cache: TextCache | None = None,
-                 text_cache_size: int = 4096, mode: str = "auto"):
+                 text_cache_size: int = 4096, mode: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if mode == "auto":
@@ -207,6 +208,9 @@ class Segmenter:
         if tile is not None and tile != 0 and tile < 64:
             raise ValueError(f"tile must be 0 (off) or at least 64 px, got {tile}")
         self.tile = tile
+        if int(max_pixels) < 1:
+            raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+        self.max_pixels = int(max_pixels)  # largest image (width x height as declared), refused before decoding
         self.text_cache = text_cache if text_cache is not None else TextCache(text_cache_size)
         self.mode = mode
         self._bridge = None
@@ -274,7 +278,8 @@ class Segmenter:
     def preparer(self) -> "Preparer":
         """A small picklable callable doing :meth:`prepare` (for DataLoader worker processes)."""
         enc = self.model.image_encoder
-        return Preparer(self.size, tuple(enc.mean), tuple(enc.std), int(getattr(enc, "size_multiple", 32)))
+        return Preparer(self.size, tuple(enc.mean), tuple(enc.std), int(getattr(enc, "size_multiple", 32)),
+                        self.max_pixels)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")

@@ -119,6 +119,8 @@ class FolderDataset:
 
     def load_mask(self, id: str) -> np.ndarray:
         path = self._masks[id]
+        from .io import declared_size
+        declared_size(path)  # the one pixel limit, on the header, before the mask is decoded
         with Image.open(path) as m:
             if m.mode not in ("L", "P"):
                 raise DatasetError(f"{path}: mask must be 8-bit single-channel (mode L or P), got mode {m.mode}")
