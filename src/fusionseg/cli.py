@@ -320,9 +320,13 @@ def _segment_run(a, names, paths, todo, out, overlay, max_pixels, status, fail) 
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
-            i, fut = pending.popleft()
-            print(fut.result(), flush=True)  # re-raises a writer error here
-            status[i].update(status="ok", outputs=[str(out / n) for n in _output_names(paths[i].stem, overlay)])
+            print(pending.popleft().result(), flush=True)  # re-raises a writer error here
+
+    def written(i: int):
+        def done(fut) -> None:  # in the writer thread, as soon as the files are complete
+            if not fut.cancelled() and fut.exception() is None:
+                status[i].update(status="ok", outputs=[str(out / n) for n in _output_names(paths[i].stem, overlay)])
+        return done
 
     writer = ThreadPoolExecutor(max_workers=1)
     try:
@@ -332,7 +336,9 @@ def _segment_run(a, names, paths, todo, out, overlay, max_pixels, status, fail) 
             secs = round((time.time() - t0) / len(items), 3)
             for (i, _, ov_img), pred in zip(items, preds):
                 extra = dict(image=str(paths[i]), model=str(a.model), threshold=thr, seconds=secs)
-                pending.append((i, writer.submit(_write_outputs, paths[i], out, pred, ov_img, names, extra, overlay)))
+                fut = writer.submit(_write_outputs, paths[i], out, pred, ov_img, names, extra, overlay)
+                fut.add_done_callback(written(i))
+                pending.append(fut)
             drain(2 * a.batch_size)  # bounded queue: memory stays flat however many images
 
         for j, prep, ov_img, err in loader:
@@ -390,6 +396,28 @@ def _check_train_config(cfg, a: argparse.Namespace) -> None:
 RUN_FILES = ("final.safetensors", "state.pt", "config.toml", "log.jsonl", "splits.json", "metrics.png")
 
 
+def _run_steps(out: Path) -> int | None:
+    """Steps a run folder's checkpoint was trained: final.safetensors' metadata, else the log's last step + 1."""
+    import struct
+    try:
+        with open(out / "final.safetensors", "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            head = json.loads(f.read(min(n, 16 << 20)))
+        return int(json.loads(head["__metadata__"]["fusionseg"])["training"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        pass
+    step = None
+    try:
+        for line in (out / "log.jsonl").read_text().splitlines():
+            try:
+                step = json.loads(line).get("step", step)
+            except (json.JSONDecodeError, AttributeError):
+                pass
+    except OSError:
+        pass
+    return None if step is None else int(step) + 1
+
+
 def _check_run_folder(out: Path, resume, overwrite: bool) -> None:
     """``train --out`` onto a folder holding a run: refused unless --resume or --overwrite, naming what is there."""
     found = [f for f in RUN_FILES if (out / f).exists()] + sorted(p.name for p in out.glob("step*.safetensors"))
@@ -406,15 +434,7 @@ def _check_run_folder(out: Path, resume, overwrite: bool) -> None:
                 what.append(f"encoders {saved.get('image_encoder', '?')} + {saved.get('text_encoder', '?')}")
         except (ValueError, OSError):
             pass
-        step = None
-        try:
-            for line in (out / "log.jsonl").read_text().splitlines():
-                try:
-                    step = json.loads(line).get("step", step)
-                except (json.JSONDecodeError, AttributeError):
-                    pass
-        except OSError:
-            pass
+        step = _run_steps(out)
         if step is not None:
             what.append(f"step {step}")
         what.append(f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''}")
@@ -470,18 +490,20 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.name_dropout is not None:
         values["name_dropout"] = a.name_dropout
     cfg = make_config(values)
-    if "warmup" not in values and cfg.warmup > cfg.steps // 2:  # e.g. --steps 40 with the default 150
+    scaled = None
+    if "warmup" not in values and cfg.warmup > cfg.steps // 2 and cfg.steps >= 1:  # --steps 40, default 150
         import dataclasses
-        import warnings
-        w = max(1, cfg.steps // 20)
-        warnings.warn(f"the default warm-up of {cfg.warmup} steps is more than half of this {cfg.steps}-step run "
-                      f"(the learning rate would hardly reach its peak); using {w} (5%); --set warmup=N chooses")
-        cfg = dataclasses.replace(cfg, warmup=w)
+        scaled = cfg.warmup
+        cfg = dataclasses.replace(cfg, warmup=max(1, cfg.steps // 20))
     _check_train_config(cfg, a)
     if cfg.warmup >= cfg.steps:
         raise CLIError(f"warmup {cfg.warmup} is not shorter than the run ({cfg.steps} steps): the learning rate "
                        f"would never reach its peak; lower warmup or raise --steps")
     _check_run_folder(Path(cfg.out), cfg.resume, a.overwrite)
+    if scaled is not None:
+        import warnings
+        warnings.warn(f"the default warm-up of {scaled} steps is more than half of this {cfg.steps}-step run (the "
+                      f"learning rate would hardly reach its peak); using {cfg.warmup} (5%); --set warmup=N chooses")
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
@@ -776,7 +798,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         term = isinstance(e, _Terminated)
         print(f"fusionseg {a.command}: {'terminated' if term else 'interrupted'}", file=sys.stderr)
-        return EXIT_TERMINATED if term else 130
+        code = EXIT_TERMINATED if term else 130
+        if argv is None:  # run as the program: everything is written and closed, so end now (tearing down torch
+            sys.stdout.flush()  # and the stopped workers' queues took ~2 s more, past the 2 s promised)
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     finally:
         warnings.showwarning = shown
         if prev_term is not None:
