@@ -373,16 +373,17 @@ def _fuzz_folder(tmp_path, n: int, seed: int, timeout: float, mem_mb: int):
 
 
 def test_fuzz_folder_of_damaged_images(tmp_path):
-    """24 damaged JPEG/PNG files in one `segment` run under a 6 GB address-space cap (the default model loads
-    torch): every file ends as ok or error, never a crash or a hang."""
-    _fuzz_folder(tmp_path, 24, seed=1, timeout=240, mem_mb=6000)
+    """24 damaged JPEG/PNG files (FUSIONSEG_FUZZ_N for more) in one `segment` run under a 6 GB address-space cap
+    (the default model loads torch): every file ends as ok or error, never a crash or a hang."""
+    n = int(os.environ.get("FUSIONSEG_FUZZ_N", "24"))
+    _fuzz_folder(tmp_path, n, seed=1, timeout=max(240, 3 * n), mem_mb=6000)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))
 def test_fuzz_each_file_alone(tmp_path, seed):
     """The long pass: each mutant in its own `segment` subprocess, capped at 60 s and 6 GB: exit 0 or 2."""
-    for name, data in _mutants(100 + seed, 20):
+    for name, data in _mutants(100 + seed, 12):
         p = tmp_path / name
         p.write_bytes(data)
         code, out, err, secs = run_capped(["segment", p, "--classes", "person", "--out", tmp_path / ("o" + name),
