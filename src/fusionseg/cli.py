@@ -109,8 +109,10 @@ class _SegmentInputs:
     item i -> (i, Prepared or None, overlay picture or None, error line or None); errors travel as text so the
     CLI can print one line instead of a worker traceback."""
 
-    def __init__(self, paths: list[Path], prepare, overlay: bool):
+    def __init__(self, paths: list[Path], prepare, overlay: bool, max_pixels: int | None = None):
+        from .data.io import DEFAULT_MAX_PIXELS
         self.paths, self.prepare, self.overlay = paths, prepare, overlay
+        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -119,7 +121,7 @@ class _SegmentInputs:
         from .data.io import load_image
         try:
             prep = self.prepare(self.paths[i])
-            ov = load_image(self.paths[i], max_side=OVERLAY_MAX_SIDE) if self.overlay else None
+            ov = load_image(self.paths[i], max_side=OVERLAY_MAX_SIDE, max_pixels=self.max_pixels) if self.overlay else None
             return i, prep, ov, None
         except (ValueError, OSError) as e:
             return i, None, None, (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -247,6 +249,9 @@ def cmd_segment(a: argparse.Namespace) -> int:
     overlay = not a.no_overlay
     _check_outputs(paths, out, overlay, a.overwrite)
     max_pixels = DEFAULT_MAX_PIXELS if a.max_megapixels is None else int(a.max_megapixels * 1e6)
+    from PIL import Image
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # this program's own choice (--max-megapixels), above Pillow's
     status: list[dict] = [{"image": str(p), "status": "not done"} for p in paths]
 
     def fail(i: int, msg: str) -> None:
@@ -311,7 +316,7 @@ def _segment_run(a, names, paths, todo, out, overlay, max_pixels, status, fail) 
     thr = seg.threshold if a.threshold is None else a.threshold
     sub = [paths[i] for i in todo]
     workers = a.workers if len(sub) >= 4 else 0  # starting processes does not pay for a few images
-    ds = _SegmentInputs(sub, seg.preparer(), overlay)
+    ds = _SegmentInputs(sub, seg.preparer(), overlay, max_pixels)
     loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
                         worker_init_fn=_worker_init if workers else None,
                         prefetch_factor=max(2, a.batch_size) if workers else None)
@@ -388,8 +393,9 @@ def _check_train_config(cfg, a: argparse.Namespace) -> None:
         if not 32 <= sc <= 4096:
             raise CLIError(f"--scales must be sizes in [32, 4096] px, got {sc}")
     _check_device(cfg.device)
-    from .engine.train import open_datasets
-    open_datasets(cfg.data, cfg.fold)  # reads only the manifests: a wrong --data answers before any work
+    if cfg.data is not None:
+        from .engine.train import open_datasets
+        open_datasets(cfg.data, cfg.fold)  # reads only the manifests: a wrong --data answers before any work
 
 
 #: Files a training run writes in its folder (``--overwrite`` removes exactly these before starting afresh).
@@ -445,6 +451,11 @@ def _check_run_folder(out: Path, resume, overwrite: bool) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    # the flags themselves first, before torch is imported (the merged config is checked again below)
+    _check_train_config(argparse.Namespace(**{k: getattr(a, k, None) for k in (
+        "steps", "batch_size", "lr", "size", "val_fraction", "checkpoint_every", "workers", "fold", "name_dropout",
+        "seed", "device")}, max_classes=None, warmup=None, weight_decay=None, clip_grad=None, shard_size=None,
+        log_every=None, scales=None, data=None), a)
     from .engine.train import CONFIG_FILE, TrainError, load_config_file, make_config, parse_set, train
     values: dict = {}
     resume = a.resume
@@ -787,7 +798,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prev_term = signal.signal(signal.SIGTERM, on_term)
     except ValueError:  # not the main thread (main() called from a thread): leave signals alone
         prev_term = None
+    pil_warnings = warnings.catch_warnings()
+    pil_warnings.__enter__()
     try:
+        from PIL import Image  # the declared size is checked against our own limit; Pillow's warning is noise
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         return a.func(a) or 0
     except (ValueError, OSError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -805,6 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os._exit(code)
         return code
     finally:
+        pil_warnings.__exit__(None, None, None)
         warnings.showwarning = shown
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
