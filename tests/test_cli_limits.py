@@ -191,7 +191,7 @@ BAD = [  # (argv with {img}/{ds}/{out} placeholders, words the one line must hol
     ("train --data {ds} --out {out} --val-fraction 1", "--val-fraction"),
     ("train --data {ds} --out {out} --val-fraction -0.5", "--val-fraction"),
     ("train --data {ds} --out {out} --fold 7", "--fold"),
-    ("train --data {ds} --out {out} --checkpoint-every 0", "--checkpoint-every"),
+    ("train --data {ds} --out {out} --checkpoint-every -1", "--checkpoint-every"),
     ("train --data {ds} --out {out} --workers -1", "--workers"),
     ("train --data {ds} --out {out} --device tpu", "--device"),
     ("train --data {ds} --out {out} --threads -1", "--threads"),

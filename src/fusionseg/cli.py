@@ -224,12 +224,14 @@ def _check_outputs(paths: list[Path], out: Path, overlay: bool, overwrite: bool)
                            f"pass --overwrite to replace them, or give another --out folder")
 
 
-def _kill_workers() -> None:
-    """Stop this process's own worker processes now (the DataLoader's decoders), so an interrupt ends fast."""
+def _kill_workers(keep: set) -> None:
+    """Stop the worker processes this command started (the DataLoader's decoders: children not in ``keep``)
+    now, so that an interrupt ends fast."""
     import multiprocessing
-    for ch in multiprocessing.active_children():
+    ours = [ch for ch in multiprocessing.active_children() if ch.pid not in keep]
+    for ch in ours:
         ch.terminate()
-    for ch in multiprocessing.active_children():
+    for ch in ours:
         ch.join(timeout=1.0)
 
 
@@ -238,8 +240,6 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
     Every argument, every input's declared size and every output name is checked before the model loads; an
     unreadable image is an error line and a summary entry while the other images are written (EXIT_PARTIAL)."""
-    import collections
-    from concurrent.futures import ThreadPoolExecutor
     from .data.io import DEFAULT_MAX_PIXELS, ImageError, declared_size, write_text_atomic
 
     _check_segment_args(a)
@@ -286,15 +286,17 @@ def cmd_segment(a: argparse.Namespace) -> int:
                   file=sys.stderr)
         return code
 
+    import multiprocessing
+    children = {ch.pid for ch in multiprocessing.active_children()}  # the caller's own, never stopped here
     try:
         code = _segment_run(a, names, paths, todo, out, overlay, max_pixels, status, fail)
     except KeyboardInterrupt as e:
-        _kill_workers()
+        _kill_workers(children)
         finish(EXIT_TERMINATED if isinstance(e, _Terminated) else 130,
                "SIGTERM" if isinstance(e, _Terminated) else "SIGINT")
         raise
     except BaseException:
-        _kill_workers()
+        _kill_workers(children)
         if created and not any(st["status"] == "ok" for st in status):
             import shutil
             if out.exists() and not [f for f in out.iterdir() if not f.name.startswith(".")]:
@@ -377,7 +379,7 @@ def _check_train_config(cfg, a: argparse.Namespace) -> None:
     _check_number(c, "lr", 0.0, 1.0, lo_open=True)
     _check_number(c, "size", 32, 4096)
     _check_number(c, "val_fraction", 0.0, 1.0, hi_open=True)
-    _check_number(c, "checkpoint_every", 1)
+    _check_number(c, "checkpoint_every", 0)  # 0: no intermediate checkpoints
     _check_number(c, "workers", 0, 64)
     _check_number(c, "fold", 0, 3)
     _check_number(c, "name_dropout", 0.0, 1.0)
