@@ -315,7 +315,7 @@ def _cli_subprocess(args):
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
 def test_signal_mid_folder_stops_workers_and_leaves_no_partial_file(tiny_ckpt, tmp_path, sig):
     import os
     import signal
