@@ -161,6 +161,8 @@ TRAIN_FLAGS = [
      "carry them; default 0)"),
     ("--resume", "resume", "store", None, "?", True, None, "RUN_DIR",
      "continue from the last checkpoint: of OUT (no value) or of RUN_DIR"),
+    ("--overwrite", "overwrite", "store_true", None, 0, True, None, None,
+     "start afresh in an --out folder that holds a run (its run files are replaced)"),
     ("--no-fusion", "no_fusion", "store_true", None, 0, True, None, None, "ablation: no fusion transformer"),
     ("--pos-embed", "pos_embed", "store", None, None, None, ["none", "fourier"], None, None),
     ("--bridge-prior", "bridge_prior", "store_true", None, 0, True, None, None,
@@ -193,13 +195,13 @@ def test_train_flags_are_generated_from_the_config_fields():
     # every flag but --config/--set/--threads is a config key, by the field's name
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for opt, dest, *_ in TRAIN_FLAGS:
-        if opt in ("--config", "--set", "--threads"):
+        if opt in ("--config", "--set", "--threads", "--overwrite"):  # how to run, not what: no config key
             continue
         key = dest[3:] if opt.startswith("--no-") else dest
         assert key in fields and fields[key].metadata["flag"], opt
         assert opt == ("--no-" if fields[key].metadata["flag"] == "off" else "--") + key.replace("_", "-")
     flagged = {f.name for f in fields.values() if f.metadata.get("flag")}
-    assert len(flagged) == len(TRAIN_FLAGS) - 3
+    assert len(flagged) == len(TRAIN_FLAGS) - 4
     from fusionseg.data.features import DEFAULT_SHARD_SIZE
     assert TrainConfig(data=["a"], out="o").shard_size == DEFAULT_SHARD_SIZE
 

@@ -223,13 +223,21 @@ def test_pixel_limit(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == saved  # Pillow's global limit is left as it was
 
 
-def test_pixel_limit_counts_reduced_jpeg_decoding(tmp_path):
+def test_pixel_limit_is_on_the_declared_size_even_when_decoded_reduced(tmp_path):
+    """The label map is made at the declared size, so a JPEG decoded at 1/8 scale still counts at full size."""
+    from fusionseg.data.io import ImageTooLarge, declared_size
     p = tmp_path / "wide.jpg"
     Image.new("RGB", (800, 600), (10, 20, 30)).save(p)
-    with pytest.raises(ImageError, match="more than the limit"):
-        load_image(p, max_pixels=100_000)
-    img = load_image(p, max_pixels=100_000, max_side=100)  # decoded at 1/8 scale: 100 x 75
+    for kw in ({}, {"max_side": 100}):
+        with pytest.raises(ImageTooLarge, match="800 x 600 = 480,000 pixels, more than the limit of 100,000"):
+            load_image(p, max_pixels=100_000, **kw)
+    img = load_image(p, max_pixels=480_000, max_side=100)
     assert img.size == (100, 75)
+    assert declared_size(p, 480_000) == (800, 600) and declared_size(p.read_bytes(), None) == (800, 600)
+    with pytest.raises(ImageTooLarge):
+        declared_size(p, 479_999)
+    with pytest.raises(ImageError, match="not an image"):
+        declared_size(b"hello", 10)
 
 
 def test_max_side_png_and_validation(tmp_path):

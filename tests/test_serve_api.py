@@ -406,4 +406,4 @@ def test_cli_serve_bad_port_and_port_in_use(capsys):
     finally:
         s.close()
     assert main(["serve", "--workers", "0"]) == 2
-    assert "workers must be at least 1" in capsys.readouterr().err
+    assert "--workers must be in [1, 256], got 0" in capsys.readouterr().err

@@ -13,10 +13,55 @@ from pathlib import Path
 from typing import Sequence
 
 EXIT_USAGE = 2
+#: ``segment``: some images were written and some could not be read (each failure is one line on stderr and an
+#: "error" entry in the run's summary JSON). All failed: EXIT_USAGE.
+EXIT_PARTIAL = 3
+#: Exit code after SIGTERM (128 + 15); Ctrl-C (SIGINT) gives 130.
+EXIT_TERMINATED = 143
+#: ``segment`` writes this in --out: every input with its status ("ok" / "error" / "not done") and outputs.
+SUMMARY_FILE = "fusionseg-summary.json"
 
 
 class CLIError(ValueError):
     pass
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that the command unwinds like Ctrl-C (workers stopped, no partial file)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's contract for its own errors too: one line on stderr, exit 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _check_device(device: str | None, flag: str = "--device") -> None:
+    """cpu, cuda, cuda:N or mps (torch-free: the string only; availability is checked when the model loads)."""
+    import re
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(device)):
+        raise CLIError(f"{flag} must be cpu, cuda, cuda:N or mps, got {device!r}")
+
+
+def _check_number(a: argparse.Namespace, attr: str, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
+                  flag: str | None = None) -> None:
+    """Refuse ``a.attr`` (when given) outside [lo, hi] (or the open ends), or not finite, naming the flag."""
+    import math
+    v = getattr(a, attr, None)
+    if v is None:
+        return
+    flag = flag or "--" + attr.replace("_", "-")
+    ok = isinstance(v, int) or math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        rng = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}"
+               f"{')' if hi_open else ']'}")
+        raise CLIError(f"{flag} must be in {rng}, got {v}")
 
 
 def _image_paths(items: Sequence[str]) -> list[Path]:
@@ -64,8 +109,10 @@ class _SegmentInputs:
     item i -> (i, Prepared or None, overlay picture or None, error line or None); errors travel as text so the
     CLI can print one line instead of a worker traceback."""
 
-    def __init__(self, paths: list[Path], prepare, overlay: bool):
+    def __init__(self, paths: list[Path], prepare, overlay: bool, max_pixels: int | None = None):
+        from .data.io import DEFAULT_MAX_PIXELS
         self.paths, self.prepare, self.overlay = paths, prepare, overlay
+        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -74,7 +121,7 @@ class _SegmentInputs:
         from .data.io import load_image
         try:
             prep = self.prepare(self.paths[i])
-            ov = load_image(self.paths[i], max_side=OVERLAY_MAX_SIDE) if self.overlay else None
+            ov = load_image(self.paths[i], max_side=OVERLAY_MAX_SIDE, max_pixels=self.max_pixels) if self.overlay else None
             return i, prep, ov, None
         except (ValueError, OSError) as e:
             return i, None, None, (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -84,9 +131,18 @@ def _identity(x):
     return x
 
 
-def _one_thread(_worker_id: int) -> None:
+def _worker_init(_worker_id: int) -> None:
+    """A decode worker: one torch thread; it dies with its parent (Linux PR_SET_PDEATHSIG), and leaves Ctrl-C
+    to the parent, which stops the workers itself (a terminal sends SIGINT to the whole group)."""
+    import signal
     import torch
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _write_outputs(p: Path, out: Path, pred, ov_img, names: list[str], info_extra: dict, overlay: bool) -> str:
@@ -114,56 +170,189 @@ def _write_outputs(p: Path, out: Path, pred, ov_img, names: list[str], info_extr
             f"{'' if ov is None else ', ' + str(out / (p.stem + '_overlay.png'))}, {out / (p.stem + '.json')}")
 
 
-def cmd_segment(a: argparse.Namespace) -> int:
-    """Decode in DataLoader workers, batch images of one padded shape, write files in a writer thread."""
-    import collections
-    from concurrent.futures import ThreadPoolExecutor
-    import torch
-    from torch.utils.data import DataLoader
-    from .segmenter import Segmenter, parse_class_names
+def _segment_names(a: argparse.Namespace) -> list[str]:
+    """--classes (comma-separated, or a JSON list for names with commas) or --classes-file (one name a line)."""
+    from .names import parse_class_names, read_classes_file
+    if (a.classes is None) == (a.classes_file is None):
+        raise CLIError("give the class names with exactly one of --classes \"cat, sofa\" or --classes-file FILE")
+    return parse_class_names(a.classes) if a.classes is not None else read_classes_file(a.classes_file)
 
-    names = parse_class_names(a.classes)
-    if a.batch_size < 1:
-        raise CLIError(f"--batch-size must be at least 1, got {a.batch_size}")
-    if a.workers < 0:
-        raise CLIError(f"--workers must be 0 or more, got {a.workers}")
+
+def _check_segment_args(a: argparse.Namespace) -> None:
+    _check_number(a, "batch_size", 1)
+    _check_number(a, "workers", 0, 64)
+    _check_number(a, "threads", 0, 1024)
+    _check_number(a, "threshold", 0.0, 1.0)
+    _check_number(a, "max_megapixels", 0.0, 100_000.0, lo_open=True)
     if a.tile is not None and a.tile != 0 and a.tile < 64:
         raise CLIError(f"--tile must be 0 (off) or at least 64 px, got {a.tile}")
     if a.size is not None and not 8 <= a.size <= 16384:
         raise CLIError(f"--size must be between 8 and 16384 px, got {a.size}")
+    if a.background and a.threshold is not None:
+        raise CLIError("--background uses the plain arg-max, so --threshold would be ignored: give one of them")
+    _check_device(a.device)
+
+
+def _output_names(stem: str, overlay: bool) -> list[str]:
+    return [f"{stem}.png", f"{stem}.json"] + ([f"{stem}_overlay.png"] if overlay else [])
+
+
+def _check_outputs(paths: list[Path], out: Path, overlay: bool, overwrite: bool) -> None:
+    """Refuse before any work when an output would land on an input image, on another output of this call, or
+    (without --overwrite) on a file already there."""
+    inputs = {p.resolve(): p for p in paths}
+    targets: dict[Path, Path] = {}
+    for p in paths:
+        for n in _output_names(p.stem, overlay):
+            t = (out / n).resolve()
+            if t in targets:
+                raise CLIError(f"{targets[t]} and {p} would both write {out / n}; rename one of them")
+            targets[t] = p
+    summary = (out / SUMMARY_FILE).resolve()
+    if summary in targets:
+        raise CLIError(f"{targets[summary]} would write {out / SUMMARY_FILE}, the run summary's name; rename it")
+    for t, p in targets.items():
+        if t in inputs:
+            raise CLIError(f"{out / t.name} is the input image {inputs[t]}: its label map would overwrite it; give "
+                           f"another --out folder")
+    if summary in inputs:
+        raise CLIError(f"{out / SUMMARY_FILE} is an input; give another --out folder")
+    if not overwrite:
+        there = [t for t in list(targets) + [summary] if t.exists()]
+        if there:
+            raise CLIError(f"{out} already holds {len(there)} file(s) this run would write (e.g. {there[0].name}); "
+                           f"pass --overwrite to replace them, or give another --out folder")
+
+
+def _kill_workers(keep: set) -> None:
+    """Stop the worker processes this command started (the DataLoader's decoders: children not in ``keep``)
+    now, so that an interrupt ends fast."""
+    import multiprocessing
+    ours = [ch for ch in multiprocessing.active_children() if ch.pid not in keep]
+    for ch in ours:
+        ch.terminate()
+    for ch in ours:
+        ch.join(timeout=1.0)
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    """Decode in DataLoader workers, batch images of one padded shape, write files in a writer thread.
+
+    Every argument, every input's declared size and every output name is checked before the model loads; an
+    unreadable image is an error line and a summary entry while the other images are written (EXIT_PARTIAL)."""
+    from .data.io import DEFAULT_MAX_PIXELS, ImageError, declared_size, write_text_atomic
+
+    _check_segment_args(a)
+    names = _segment_names(a)
     paths = _image_paths(a.images)
     out = Path(a.out)
+    overlay = not a.no_overlay
+    _check_outputs(paths, out, overlay, a.overwrite)
+    max_pixels = DEFAULT_MAX_PIXELS if a.max_megapixels is None else int(a.max_megapixels * 1e6)
+    from PIL import Image
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # this program's own choice (--max-megapixels), above Pillow's
+    status: list[dict] = [{"image": str(p), "status": "not done"} for p in paths]
+
+    def fail(i: int, msg: str) -> None:
+        status[i].update(status="error", error=msg)
+        print(f"fusionseg segment: error: {msg}", file=sys.stderr, flush=True)
+
+    for i, p in enumerate(paths):  # header only: a bomb or a non-image costs no model load and no memory
+        try:
+            declared_size(p, max_pixels)
+        except ImageError as e:
+            fail(i, str(e))
+    todo = [i for i, st in enumerate(status) if st["status"] == "not done"]
+    if not todo:
+        return EXIT_USAGE
+    created = not out.exists()
     _check_writable(out)
+    summary_path = out / SUMMARY_FILE
+
+    def finish(code: int, interrupted: str | None = None) -> int:
+        ok = sum(st["status"] == "ok" for st in status)
+        bad = sum(st["status"] == "error" for st in status)
+        if created and ok == 0 and not any(out.iterdir()):
+            out.rmdir()  # a run that wrote nothing leaves no empty folder behind
+            return code
+        info = {"command": "segment", "classes": names, "model": str(a.model), "out": str(out), "ok": ok,
+                "failed": bad, "not_done": len(status) - ok - bad, "exit_code": code, "images": status}
+        if interrupted:
+            info["interrupted"] = interrupted
+        write_text_atomic(json.dumps(info, indent=1), summary_path)
+        if bad and code == EXIT_PARTIAL:
+            print(f"fusionseg segment: {bad} of {len(status)} images failed, {ok} written; see {summary_path}",
+                  file=sys.stderr)
+        return code
+
+    import multiprocessing
+    children = {ch.pid for ch in multiprocessing.active_children()}  # the caller's own, never stopped here
+    try:
+        code = _segment_run(a, names, paths, todo, out, overlay, max_pixels, status, fail)
+    except KeyboardInterrupt as e:
+        _kill_workers(children)
+        finish(EXIT_TERMINATED if isinstance(e, _Terminated) else 130,
+               "SIGTERM" if isinstance(e, _Terminated) else "SIGINT")
+        raise
+    except BaseException:
+        _kill_workers(children)
+        if created and not any(st["status"] == "ok" for st in status):
+            import shutil
+            if out.exists() and not [f for f in out.iterdir() if not f.name.startswith(".")]:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+    return finish(code)
+
+
+def _segment_run(a, names, paths, todo, out, overlay, max_pixels, status, fail) -> int:
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+    import torch
+    from torch.utils.data import DataLoader
+    from .segmenter import Segmenter
     if a.threads:
         torch.set_num_threads(a.threads)
-    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile, mode=a.mode)
+    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile, mode=a.mode,
+                                    max_pixels=max_pixels)
     thr = seg.threshold if a.threshold is None else a.threshold
-    workers = a.workers if len(paths) >= 4 else 0  # starting processes does not pay for a few images
-    ds = _SegmentInputs(paths, seg.preparer(), not a.no_overlay)
+    sub = [paths[i] for i in todo]
+    workers = a.workers if len(sub) >= 4 else 0  # starting processes does not pay for a few images
+    ds = _SegmentInputs(sub, seg.preparer(), overlay, max_pixels)
     loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-                        worker_init_fn=_one_thread if workers else None,
+                        worker_init_fn=_worker_init if workers else None,
                         prefetch_factor=max(2, a.batch_size) if workers else None)
     pending: collections.deque = collections.deque()
     buckets: dict[tuple, list] = {}
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
-            print(pending.popleft().result())  # re-raises a writer error here
+            print(pending.popleft().result(), flush=True)  # re-raises a writer error here
 
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    def written(i: int):
+        def done(fut) -> None:  # in the writer thread, as soon as the files are complete
+            if not fut.cancelled() and fut.exception() is None:
+                status[i].update(status="ok", outputs=[str(out / n) for n in _output_names(paths[i].stem, overlay)])
+        return done
+
+    writer = ThreadPoolExecutor(max_workers=1)
+    try:
         def flush(items: list) -> None:
             t0 = time.time()
             preds = seg.predict_batch([it[1] for it in items], names, threshold=a.threshold, background=a.background)
             secs = round((time.time() - t0) / len(items), 3)
             for (i, _, ov_img), pred in zip(items, preds):
                 extra = dict(image=str(paths[i]), model=str(a.model), threshold=thr, seconds=secs)
-                pending.append(writer.submit(_write_outputs, paths[i], out, pred, ov_img, names, extra,
-                                             not a.no_overlay))
+                fut = writer.submit(_write_outputs, paths[i], out, pred, ov_img, names, extra, overlay)
+                fut.add_done_callback(written(i))
+                pending.append(fut)
             drain(2 * a.batch_size)  # bounded queue: memory stays flat however many images
 
-        for i, prep, ov_img, err in loader:
+        for j, prep, ov_img, err in loader:
+            i = todo[j]
             if err is not None:
-                raise CLIError(err)
+                fail(i, err)
+                continue
             key = tuple(prep.x.shape[-2:])
             buckets.setdefault(key, []).append((i, prep, ov_img))
             if len(buckets[key]) >= a.batch_size:
@@ -171,10 +360,104 @@ def cmd_segment(a: argparse.Namespace) -> int:
         for key in list(buckets):
             flush(buckets.pop(key))
         drain(0)
-    return 0
+    finally:  # on an interrupt: the write in progress completes (atomic), the queued ones are dropped
+        writer.shutdown(wait=True, cancel_futures=True)
+    ok = sum(st["status"] == "ok" for st in status)
+    bad = sum(st["status"] == "error" for st in status)
+    return 0 if not bad else (EXIT_PARTIAL if ok else EXIT_USAGE)
+
+
+def _check_train_config(cfg, a: argparse.Namespace) -> None:
+    """Every value a run uses, from flags, --config and --set alike, checked before any data is read."""
+    c = argparse.Namespace(**{k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "size", "val_fraction",
+                                                           "checkpoint_every", "workers", "fold", "name_dropout",
+                                                           "max_classes", "warmup", "weight_decay", "clip_grad",
+                                                           "shard_size", "log_every", "seed")})
+    c.threads = a.threads
+    _check_number(c, "steps", 1)
+    _check_number(c, "batch_size", 1)
+    _check_number(c, "lr", 0.0, 1.0, lo_open=True)
+    _check_number(c, "size", 32, 4096)
+    _check_number(c, "val_fraction", 0.0, 1.0, hi_open=True)
+    _check_number(c, "checkpoint_every", 0)  # 0: no intermediate checkpoints
+    _check_number(c, "workers", 0, 64)
+    _check_number(c, "fold", 0, 3)
+    _check_number(c, "name_dropout", 0.0, 1.0)
+    _check_number(c, "max_classes", 1)
+    _check_number(c, "warmup", 0)
+    _check_number(c, "weight_decay", 0.0)
+    _check_number(c, "clip_grad", 0.0, lo_open=True)
+    _check_number(c, "shard_size", 1)
+    _check_number(c, "log_every", 1)
+    _check_number(c, "seed", 0)
+    _check_number(c, "threads", 0, 1024)
+    for sc in cfg.scales or []:
+        if not 32 <= sc <= 4096:
+            raise CLIError(f"--scales must be sizes in [32, 4096] px, got {sc}")
+    _check_device(cfg.device)
+    if cfg.data is not None:
+        from .engine.train import open_datasets
+        open_datasets(cfg.data, cfg.fold)  # reads only the manifests: a wrong --data answers before any work
+
+
+#: Files a training run writes in its folder (``--overwrite`` removes exactly these before starting afresh).
+RUN_FILES = ("final.safetensors", "state.pt", "config.toml", "log.jsonl", "splits.json", "metrics.png")
+
+
+def _run_steps(out: Path) -> int | None:
+    """Steps a run folder's checkpoint was trained: final.safetensors' metadata, else the log's last step + 1."""
+    import struct
+    try:
+        with open(out / "final.safetensors", "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            head = json.loads(f.read(min(n, 16 << 20)))
+        return int(json.loads(head["__metadata__"]["fusionseg"])["training"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        pass
+    step = None
+    try:
+        for line in (out / "log.jsonl").read_text().splitlines():
+            try:
+                step = json.loads(line).get("step", step)
+            except (json.JSONDecodeError, AttributeError):
+                pass
+    except OSError:
+        pass
+    return None if step is None else int(step) + 1
+
+
+def _check_run_folder(out: Path, resume, overwrite: bool) -> None:
+    """``train --out`` onto a folder holding a run: refused unless --resume or --overwrite, naming what is there."""
+    found = [f for f in RUN_FILES if (out / f).exists()] + sorted(p.name for p in out.glob("step*.safetensors"))
+    if not found or resume:
+        if found and overwrite:
+            raise CLIError("give --resume or --overwrite, not both")
+        return
+    if not overwrite:
+        what = []
+        try:
+            from .engine.config import load_config_file
+            saved = load_config_file(out / "config.toml") if (out / "config.toml").is_file() else {}
+            if saved.get("image_encoder") or saved.get("text_encoder"):
+                what.append(f"encoders {saved.get('image_encoder', '?')} + {saved.get('text_encoder', '?')}")
+        except (ValueError, OSError):
+            pass
+        step = _run_steps(out)
+        if step is not None:
+            what.append(f"step {step}")
+        what.append(f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''}")
+        raise CLIError(f"{out} holds a training run ({'; '.join(what)}): pass --resume to continue it or "
+                       f"--overwrite to start afresh there, or give another --out")
+    for f in found:
+        (out / f).unlink()
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    # the flags themselves first, before torch is imported (the merged config is checked again below)
+    _check_train_config(argparse.Namespace(**{k: getattr(a, k, None) for k in (
+        "steps", "batch_size", "lr", "size", "val_fraction", "checkpoint_every", "workers", "fold", "name_dropout",
+        "seed", "device")}, max_classes=None, warmup=None, weight_decay=None, clip_grad=None, shard_size=None,
+        log_every=None, scales=None, data=None), a)
     from .engine.config import flag_values, load_config_file, make_config, parse_set
     from .engine.train import CONFIG_FILE, TrainError, train
     values: dict = {}
@@ -195,6 +478,20 @@ def cmd_train(a: argparse.Namespace) -> int:
     if isinstance(resume, str):
         values["out"] = resume
     cfg = make_config(values)
+    scaled = None
+    if "warmup" not in values and cfg.warmup > cfg.steps // 2 and cfg.steps >= 1:  # --steps 40, default 150
+        import dataclasses
+        scaled = cfg.warmup
+        cfg = dataclasses.replace(cfg, warmup=max(1, cfg.steps // 20))
+    _check_train_config(cfg, a)
+    if cfg.warmup >= cfg.steps:
+        raise CLIError(f"warmup {cfg.warmup} is not shorter than the run ({cfg.steps} steps): the learning rate "
+                       f"would never reach its peak; lower warmup or raise --steps")
+    _check_run_folder(Path(cfg.out), cfg.resume, a.overwrite)
+    if scaled is not None:
+        import warnings
+        warnings.warn(f"the default warm-up of {scaled} steps is more than half of this {cfg.steps}-step run (the "
+                      f"learning rate would hardly reach its peak); using {cfg.warmup} (5%); --set warmup=N chooses")
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
@@ -207,9 +504,23 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .engine.evaluate import evaluate
     if a.fold is not None and not 0 <= a.fold <= 3:
         raise CLIError(f"--fold must be 0, 1, 2 or 3, got {a.fold}")
+    _check_number(a, "threshold", 0.0, 1.0)
+    _check_number(a, "max_images", 1)
+    _check_number(a, "episodes", 1)
+    _check_number(a, "threads", 0, 1024)
+    _check_device(a.device)
+    if a.max_images is not None and a.protocol == "episodes":
+        raise CLIError("--max-images applies to the semantic and novel-names protocols; bound episodes with --episodes")
+    if a.episodes is not None and a.protocol != "episodes":
+        raise CLIError(f"--episodes applies to --protocol episodes only (this is {a.protocol}); use --max-images")
+    if a.classes is not None:
+        if a.protocol != "novel-names":
+            raise CLIError("--classes applies to --protocol novel-names only")
+        from .names import parse_class_names
+        a.classes = parse_class_names(a.classes)
+    from .engine.evaluate import evaluate
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
@@ -259,6 +570,19 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
 
 
 def cmd_cache(a: argparse.Namespace) -> int:
+    _check_number(a, "size", 32, 4096)
+    _check_number(a, "shard_size", 1)
+    _check_number(a, "fold", 0, 3)
+    _check_device(a.device)
+    if a.scales:
+        try:
+            scales = [int(v) for v in a.scales.split(",") if v.strip()]
+        except ValueError:
+            raise CLIError(f"--scales must be comma-separated integers, got {a.scales!r}") from None
+        if not scales or not all(32 <= v <= 4096 for v in scales):
+            raise CLIError(f"--scales must be sizes in [32, 4096] px, got {a.scales!r}")
+    from .engine.train import open_datasets
+    open_datasets(a.data, a.fold)  # reads only the manifests: a wrong --data answers before any work
     from .data.features import cache_features
     from .engine.train import build_encoder_for_training, default_scales, init_distributed, open_datasets
     dist, device = init_distributed(a.device)  # under torchrun each rank computes its share of the shards
@@ -311,6 +635,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise CLIError(f"fusionseg serve needs {', '.join(missing)}: pip install 'fusionseg[serve]'")
     if not 0 <= a.port <= 65535:
         raise CLIError(f"--port must be 0..65535, got {a.port}")
+    _check_device(a.device)
+    if a.size is not None and not 8 <= a.size <= 16384:
+        raise CLIError(f"--size must be between 8 and 16384 px, got {a.size}")
+    _check_number(a, "workers", 1, 256)
+    _check_number(a, "queue", 0, 100_000)
+    _check_number(a, "max_upload_mb", 0.0, 4096.0, lo_open=True)
+    _check_number(a, "max_megapixels", 0.0, 100_000.0, lo_open=True)
+    _check_number(a, "max_classes", 1, 1000)
+    _check_number(a, "timeout", 0.0, 86_400.0, lo_open=True)
+    _check_number(a, "threads", 0, 1024)
     cfg = ServeConfig(model=a.model, device=a.device, size=a.size, workers=a.workers, queue=a.queue,
                       max_upload_bytes=int(a.max_upload_mb * 1024 * 1024), max_pixels=int(a.max_megapixels * 1e6),
                       max_classes=a.max_classes, timeout=a.timeout, threads=a.threads).check()
@@ -328,13 +662,20 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .choices import DEFAULT_IMAGE_ENCODER, MODES, PROTOCOLS, SPLITS
     from .engine.config import add_train_flags
-    p = argparse.ArgumentParser(prog="fusionseg", description="Open-vocabulary semantic segmentation on frozen encoders.")
+    p = _Parser(prog="fusionseg", description="Open-vocabulary semantic segmentation on frozen encoders.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", help="segment images with any class names")
     s.add_argument("images", nargs="+", help="image files and/or folders of images")
-    s.add_argument("--classes", required=True, help='comma-separated names, e.g. "cat, sofa, potted plant"')
+    s.add_argument("--classes", default=None,
+                   help='comma-separated names, e.g. "cat, sofa, potted plant"; names with commas as a JSON list: '
+                        '\'["cat, kitten", "toilet"]\' (README: class names)')
+    s.add_argument("--classes-file", default=None, help="a UTF-8 text file, one class name per line (instead of --classes)")
     s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace output files already in --out (an input image is never overwritten)")
+    s.add_argument("--max-megapixels", type=float, default=None,
+                   help="largest image, width x height as its header declares, in megapixels (default 120)")
     s.add_argument("--model", default="default", help="'default' or a checkpoint (.safetensors or run folder)")
     s.add_argument("--threshold", type=float, default=None, help="none-of-these threshold on the sigmoid score (default 0.5)")
     s.add_argument("--background", action="store_true", help="plain arg-max, no threshold (name a background class yourself)")
@@ -359,6 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="TOML recipe, e.g. configs/cpu-default.toml")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
     add_train_flags(t)  # one flag per TrainConfig field that has one (engine/config.py)
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that holds a run (its run files are replaced)")
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
@@ -434,7 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int, default=1, help="requests computed at once (default 1)")
     v.add_argument("--queue", type=int, default=8, help="requests waiting beyond those; more get 503 (default 8)")
     v.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file in MiB (default 20)")
-    v.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels (default 40)")
+    v.add_argument("--max-megapixels", type=float, default=120.0,
+                   help="largest image, width x height as its header declares, in megapixels (default 120)")
     v.add_argument("--max-classes", type=int, default=100, help="most class names per request (default 100)")
     v.add_argument("--timeout", type=float, default=60.0, help="seconds before a request gets 504 (default 60)")
     v.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -455,7 +799,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fusionseg {a.command}: warning: {message}", file=sys.stderr)
 
     warnings.showwarning = one_line
+    import signal
+
+    def on_term(_sig, _frame):
+        raise _Terminated()
+
     try:
+        prev_term = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (main() called from a thread): leave signals alone
+        prev_term = None
+    pil_warnings = warnings.catch_warnings()
+    pil_warnings.__enter__()
+    try:
+        from PIL import Image  # the declared size is checked against our own limit; Pillow's warning is noise
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         return a.func(a) or 0
     except (ValueError, OSError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -463,11 +820,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg = f"{msg}: {e.filename}"
         print(f"fusionseg {a.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        term = isinstance(e, _Terminated)
+        print(f"fusionseg {a.command}: {'terminated' if term else 'interrupted'}", file=sys.stderr)
+        code = EXIT_TERMINATED if term else 130
+        if argv is None:  # run as the program: everything is written and closed, so end now (tearing down torch
+            sys.stdout.flush()  # and the stopped workers' queues took ~2 s more, past the 2 s promised)
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     finally:
+        pil_warnings.__exit__(None, None, None)
         warnings.showwarning = shown
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .choices import MODES
-from .data.io import load_image_with_size
+from .data.io import DEFAULT_MAX_PIXELS, load_image_with_size
 from .data.transforms import pad_to, resize_image, round_up, to_tensor
 from .model.checkpoint import load_model
 from .model.scoring import KNOWN_NAME_SIMILARITY, known_from_similarity, resolve_mode
@@ -28,12 +28,13 @@ from .textcache import TextCache, build_bridge, vocabulary_embeddings
 from .tiling import (OVERLAP, _frac, _owned, _starts, labels_from_logits, stitch_windows,  # noqa: F401 - re-exported
                      upsample_crop, upsample_rows)
 
+from .names import MAX_CLASSES, parse_class_names  # noqa: F401  (the one class-name policy; re-exported)
+
 # Re-exported here, where they were first defined (callers import them from fusionseg.segmenter).
 __all__ = ["Segmenter", "Prediction", "Prepared", "Preparer", "EncodedImage", "TextCache", "parse_class_names",
            "labels_from_logits", "upsample_crop", "upsample_rows", "MAX_CLASSES", "AUTO_TILE_ABOVE", "DEFAULT_TILE",
            "OVERLAP", "KNOWN_NAME_SIMILARITY", "MODES"]
 
-MAX_CLASSES = 1000
 #: Working sizes (longer side, px) above this are tiled automatically (memory), unless ``tile=0``.
 AUTO_TILE_ABOVE = 1536
 #: Window side (px, at the working size) used by automatic tiling.
@@ -104,23 +105,6 @@ class Prediction:
                 "none_fraction": round(counts[0] / total, 6), "per_class": per}
 
 
-def parse_class_names(spec: str | Sequence[str], limit: int = MAX_CLASSES) -> list[str]:
-    """'cat, sofa, potted plant' or a list -> trimmed names. Raises ValueError on empty, duplicate or too many."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [" ".join(str(n).split()) for n in items]
-    if any(not n for n in names) and any(names):
-        names = [n for n in names if n]  # tolerate "cat, , dog" trailing commas
-    if not names or not any(names):
-        raise ValueError("the class list is empty; give names like --classes \"cat, sofa, potted plant\"")
-    seen: dict[str, str] = {}
-    for n in names:
-        key = n.casefold()
-        if key in seen:
-            raise ValueError(f"duplicate class name {n!r} (same as {seen[key]!r} after trimming and case-folding)")
-        seen[key] = n
-    if len(names) > limit:
-        raise ValueError(f"{len(names)} class names given; the limit is {limit}")
-    return names
 
 
 @dataclass(frozen=True)
@@ -131,11 +115,12 @@ class Preparer:
     mean: tuple
     std: tuple
     multiple: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS  # on the size the file declares (the label map is made at that size)
 
     def __call__(self, image) -> Prepared:
         # Decode at up to twice the working size (JPEG draft mode keeps huge photos cheap), then one
         # antialiased resize as in training, so the result hardly depends on how the file was decoded.
-        img, orig = load_image_with_size(image, max_side=2 * max(self.size, 1))
+        img, orig = load_image_with_size(image, max_side=2 * max(self.size, 1), max_pixels=self.max_pixels)
         img = resize_image(img, self.size)
         x = to_tensor(img)[None]
         x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
@@ -158,7 +143,7 @@ class Segmenter:
 
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
                  threshold: float | None = None, tile: int | None = None, text_cache: TextCache | None = None,
-                 text_cache_size: int = 4096, mode: str = "auto"):
+                 text_cache_size: int = 4096, mode: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         from .model.bridge import has_classifier
@@ -173,6 +158,9 @@ class Segmenter:
         if tile is not None and tile != 0 and tile < 64:
             raise ValueError(f"tile must be 0 (off) or at least 64 px, got {tile}")
         self.tile = tile
+        if int(max_pixels) < 1:
+            raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+        self.max_pixels = int(max_pixels)  # largest image (width x height as declared), refused before decoding
         self.text_cache = text_cache if text_cache is not None else TextCache(text_cache_size)
         self.mode = mode
         self._bridge = None
@@ -243,7 +231,8 @@ class Segmenter:
     def preparer(self) -> "Preparer":
         """A small picklable callable doing :meth:`prepare` (for DataLoader worker processes)."""
         enc = self.model.image_encoder
-        return Preparer(self.size, tuple(enc.mean), tuple(enc.std), int(getattr(enc, "size_multiple", 32)))
+        return Preparer(self.size, tuple(enc.mean), tuple(enc.std), int(getattr(enc, "size_multiple", 32)),
+                        self.max_pixels)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")

@@ -45,8 +45,10 @@ class Sample:
 
 
 def normalize_name(name: str) -> str:
-    """Canonical form of a class name for matching across datasets: trimmed, lower case, ``_``/``-`` as space."""
-    return " ".join(name.replace("_", " ").replace("-", " ").strip().lower().split())
+    """Canonical form of a class name for matching across datasets: trimmed, lower case, ``_``/``-`` as space
+    (:func:`fusionseg.names.match_key`, the one class-name policy)."""
+    from ..names import match_key
+    return match_key(name)
 
 
 class FolderDataset:
@@ -117,6 +119,8 @@ class FolderDataset:
 
     def load_mask(self, id: str) -> np.ndarray:
         path = self._masks[id]
+        from .io import declared_size
+        declared_size(path)  # the one pixel limit, on the header, before the mask is decoded
         with Image.open(path) as m:
             if m.mode not in ("L", "P"):
                 raise DatasetError(f"{path}: mask must be 8-bit single-channel (mode L or P), got mode {m.mode}")

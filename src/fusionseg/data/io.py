@@ -13,17 +13,17 @@ Decisions (see the function docstrings for details):
 * **16-bit** (``I;16*``, and ``I`` whose values lie in 0..65535): scaled linearly, 0..65535 → 0..255 with
   rounding (65535 → 255, 32768 → 128). ``I`` outside that range and ``F`` outside [0, 1] are min-max
   stretched; ``F`` inside [0, 1] is multiplied by 255. NaN becomes 0.
-* **Pixel limit**: our own check (``max_pixels``, default 120 M) on the header size, before any decoding.
-  Pillow's global ``Image.MAX_IMAGE_PIXELS`` is switched off only while ``Image.open`` parses the header
-  (under a lock, then restored), so other callers keep Pillow's default. With ``max_side`` the limit applies
-  to the pixels actually decoded (a JPEG may decode at 1/2, 1/4 or 1/8 scale), since the limit exists to bound
-  memory.
+* **Pixel limit** (one limit for the CLI, the API and the server: :data:`DEFAULT_MAX_PIXELS`, raised with
+  ``max_pixels`` / ``--max-megapixels``): checked on the size the header **declares**, before anything is
+  decoded or allocated at that size, whatever reduced scale a JPEG is later decoded at (label maps are made at
+  the declared size, so that is what memory follows). Too large: :class:`ImageTooLarge`. Pillow's global
+  ``Image.MAX_IMAGE_PIXELS`` is never changed here; a file over Pillow's own bomb limit (2x that value) is
+  refused as too large too, naming both limits.
 """
 from __future__ import annotations
 
 import os
 import struct
-import threading
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -33,12 +33,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .._atomic import write_atomic, write_failure_reason
 
-__all__ = ["ImageError", "OutputError", "load_image", "load_image_with_size", "save_png_atomic",
-           "write_text_atomic", "write_bytes_atomic", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ImageError", "ImageTooLarge", "OutputError", "load_image", "load_image_with_size", "declared_size",
+           "save_png_atomic", "write_text_atomic", "write_bytes_atomic", "DEFAULT_MAX_PIXELS"]
 
+#: The one pixel limit (width x height as the header declares it) of the CLI, the API and the server.
 DEFAULT_MAX_PIXELS = 120_000_000
 _ORIENTATION_TAG = 0x0112
-_OPEN_LOCK = threading.Lock()
 # Errors Pillow raises while decoding damaged data.
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, IndexError, struct.error, zlib.error,
                   Image.DecompressionBombError)
@@ -46,6 +46,10 @@ _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, IndexError, struct
 
 class ImageError(ValueError):
     """An input image could not be read; the message names the file and says why."""
+
+
+class ImageTooLarge(ImageError):
+    """The image's header declares more pixels than the limit (nothing was decoded)."""
 
 
 class OutputError(ValueError):
@@ -127,21 +131,93 @@ def _from_path(src: str | os.PathLike, max_side: int | None, max_pixels: int):
             raise ImageError(f"{name} is a folder, not an image file") from None
 
 
-def _open(fp: BinaryIO) -> Image.Image:
-    """``Image.open`` with Pillow's own pixel limit off (ours is applied right after, from the header)."""
-    with _OPEN_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
+def _open(fp: BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` (header only). Pillow's global bomb limit is left as it is: a file over it is refused
+    here as too large (it is far over ours too unless the caller raised ours above Pillow's)."""
+    start = fp.tell() if hasattr(fp, "tell") else 0
+    try:
+        return Image.open(fp)
+    except Image.DecompressionBombError as e:
+        import re
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        n = int(m.group(1)) if m else None
+        wh = _sniff_size(fp, start)
+        what = f"{wh[0]} x {wh[1]} = {n or wh[0] * wh[1]:,} pixels" if wh else f"{n:,} pixels" if n else "too many pixels"
+        lim = max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS
+        extra = "" if n is None or n > lim else (f" (Pillow's own limit, PIL.Image.MAX_IMAGE_PIXELS x 2, is lower than "
+                                                 f"ours: raise it as well)")
+        raise ImageTooLarge(f"{name} is {what}, more than the limit of {lim:,}{extra}; shrink it first or raise "
+                            f"the limit (--max-megapixels, max_pixels=)") from None
+
+
+def _sniff_size(fp: BinaryIO, start: int) -> tuple[int, int] | None:
+    """(W, H) from a PNG, GIF or JPEG header, for messages only; None when unknown."""
+    try:
+        fp.seek(start)
+        head = fp.read(64 * 1024)
+    except (OSError, ValueError):
+        return None
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+        return struct.unpack(">II", head[16:24])
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        return struct.unpack("<HH", head[6:10])
+    if head[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(head):
+            if head[i] != 0xFF:
+                i += 1
+                continue
+            marker = head[i + 1]
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                h, w = struct.unpack(">HH", head[i + 5:i + 9])
+                return w, h
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 2 if marker != 0xFF else 1
+                continue
+            i += 2 + struct.unpack(">H", head[i + 2:i + 4])[0]
+    return None
+
+
+def declared_size(src: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> tuple[int, int]:
+    """The (W, H) an image file's header declares, read without decoding pixels; refused with
+    :class:`ImageTooLarge` over ``max_pixels`` and :class:`ImageError` when it is not a readable image.
+    ``src``: a path, bytes or a binary file object."""
+    import io as _io
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        fp, own = _io.BytesIO(bytes(src)), True
+    elif isinstance(src, (str, os.PathLike)):
+        name = name or str(src)
         try:
-            return Image.open(fp)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+            fp, own = open(src, "rb"), True
+        except OSError as e:
+            raise ImageError(f"cannot read {name}: {e.strerror or e}") from None
+    else:
+        fp, own = src, False
+    name = name or str(getattr(fp, "name", "") or "the image")
+    try:
+        try:
+            im = _open(fp, name, max_pixels)
+        except UnidentifiedImageError:
+            raise ImageError(f"{name} is not an image Pillow can read (supported: JPEG, PNG, BMP, GIF, TIFF, WebP, "
+                             f"...)") from None
+        except ImageError:
+            raise
+        except _DECODE_ERRORS as e:
+            raise ImageError(f"{name} is truncated or corrupt ({_reason(e)})") from None
+        w, h = im.size
+        if w < 1 or h < 1:
+            raise ImageError(f"{name} has no pixels ({w} x {h})")
+        _check_pixels(name, (w, h), max_pixels)
+        return w, h
+    finally:
+        if own:
+            fp.close()
 
 
 def _from_stream(fp: BinaryIO, name: str, max_side: int | None, max_pixels: int):
     try:
-        im = _open(fp)
-    except UnidentifiedImageError:
+        im = _open(fp, name, max_pixels)
+    except (UnidentifiedImageError, ImageError):
         raise
     except _DECODE_ERRORS as e:  # header present but broken
         raise ImageError(f"{name} is truncated or corrupt ({_reason(e)})") from None
@@ -157,6 +233,7 @@ def _from_pil(im: Image.Image, name: str, max_side: int | None, max_pixels: int,
     w, h = im.size
     if w < 1 or h < 1:
         raise ImageError(f"{name} has no pixels ({w} x {h})")
+    _check_pixels(name, (w, h), max_pixels)  # the declared size, before anything is decoded or allocated
     from_file = from_file or im.format is not None
     lazy = bool(getattr(im, "tile", None))  # not decoded yet
     orientation = 1
@@ -169,8 +246,6 @@ def _from_pil(im: Image.Image, name: str, max_side: int | None, max_pixels: int,
             im.draft(None, (max(1, int(np.ceil(w * s))), max(1, int(np.ceil(h * s)))))
         except _DECODE_ERRORS:
             pass
-    decoded = im.size
-    _check_pixels(name, decoded, max_pixels, orig=(w, h))
     try:
         im.load()
         if from_file and im.format == "PNG":  # a PNG may keep its eXIf chunk after the pixel data
@@ -200,16 +275,12 @@ def _reason(e: BaseException) -> str:
     return msg[:200]
 
 
-def _check_pixels(name: str, size: tuple[int, int], max_pixels: int | None,
-                  orig: tuple[int, int] | None = None) -> None:
+def _check_pixels(name: str, size: tuple[int, int], max_pixels: int | None) -> None:
     w, h = size
     n = w * h
     if max_pixels is not None and n > max_pixels:
-        what = f"{w} x {h} = {n:,} pixels"
-        if orig is not None and tuple(orig) != (w, h):
-            what = f"{orig[0]} x {orig[1]} (decoded at {w} x {h} = {n:,} pixels)"
-        raise ImageError(f"{name} is {what}, more than the limit of {max_pixels:,}; shrink it first or pass a "
-                         f"larger max_pixels")
+        raise ImageTooLarge(f"{name} is {w} x {h} = {n:,} pixels, more than the limit of {max_pixels:,}; shrink it "
+                            f"first or raise the limit (--max-megapixels, max_pixels=)")
 
 
 def _to_rgb(im: Image.Image, name: str) -> Image.Image:

@@ -36,8 +36,9 @@ POOLINGS = ("mean", "max", "cls", "clip", "siglip")
 
 
 def clean_name(name: str) -> str:
-    """``"  traffic_light "`` -> ``"traffic light"`` (underscores to spaces, whitespace collapsed)."""
-    return " ".join(str(name).replace("_", " ").split())
+    """``"  traffic_light "`` -> ``"traffic light"`` (underscores to spaces, then :func:`fusionseg.names.clean_name`)."""
+    from ..names import clean_name as _clean
+    return _clean(str(name).replace("_", " "))
 
 
 class HFTextEncoder(TextEncoder):

@@ -92,10 +92,21 @@ def check_encoders(meta: dict, image_encoder: ImageEncoder, text_encoder: TextEn
                 f"was given; use the encoders named in the checkpoint or retrain")
 
 
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`CheckpointError` when any floating-point weight is NaN or infinite (such a model answers
+    "none of the classes" everywhere without a word), naming how many tensors and the first few."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} of {len(state)} weight tensors hold NaN or infinite values "
+                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the run that wrote it "
+                              f"diverged: use an earlier checkpoint or retrain")
+
+
 def load_model(name_or_path: str | Path = "default", device: str | torch.device = "cpu",
                image_encoder: ImageEncoder | None = None, text_encoder: TextEncoder | None = None) -> tuple[Fusioner, dict]:
     """Rebuild a :class:`Fusioner` from a checkpoint (encoders by name unless given) -> (model, metadata)."""
     state, meta = read_checkpoint(name_or_path)
+    check_finite(state, meta["path"])
     if image_encoder is None:
         image_encoder = build_image_encoder(meta["image_encoder"]["name"])
     if text_encoder is None:

@@ -25,17 +25,31 @@ def missing_dependencies() -> list[str]:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0 = any free port). OSError names the address."""
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """A listening TCP socket on ``host:port`` (port 0 = any free port). OSError names the address and says
+    whether the port (in use) or the host (not an address of this machine) is to blame."""
+    import errno
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise OSError(f"cannot listen on {host}:{port}: {host!r} is not a valid address or host name "
+                      f"({getattr(e, 'strerror', None) or e}); check --host") from None
+    fam, _, _, _, addr = infos[0]
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        s.bind((host, port))
+        s.bind(addr)
         s.listen(128)
     except OSError as e:
         s.close()
-        why = "the port is in use" if e.errno == 98 else (e.strerror or str(e))
-        raise OSError(f"cannot listen on {host}:{port}: {why}; pick another --port") from None
+        if e.errno == errno.EADDRINUSE:
+            why = "the port is in use; pick another --port"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            why = "that address is not one of this machine's; check --host"
+        elif e.errno == errno.EACCES:
+            why = "permission denied (ports below 1024 need privileges); pick another --port"
+        else:
+            why = f"{e.strerror or e}; check --host and --port"
+        raise OSError(f"cannot listen on {host}:{port}: {why}") from None
     return s
 
 

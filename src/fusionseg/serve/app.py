@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from ..data.io import DEFAULT_MAX_PIXELS
+from ..names import MAX_NAME_CHARS, parse_class_names  # noqa: F401  (MAX_NAME_CHARS re-exported)
 from .form import FormError, Part, boundary_of, parse_multipart
 
-MAX_NAME_CHARS = 100
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -55,7 +56,7 @@ class ServeConfig:
     workers: int = 1
     queue: int = 8
     max_upload_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the one limit of the CLI, API and server
     max_classes: int = 100
     timeout: float = 60.0
     threads: int = 0
@@ -88,31 +89,11 @@ class ApiError(Exception):
 
 # --------------------------------------------------------------------------------------------------- inputs
 def parse_classes(raw: str, limit: int) -> list[str]:
-    """``"cat, sofa"`` or ``'["cat", "sofa"]'`` -> names (whitespace collapsed). ApiError(400) on bad input."""
-    from ..segmenter import parse_class_names
-    s = raw.strip()
-    if s.startswith("["):
-        try:
-            items = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"classes starts with '[' but is not a valid JSON list ({e.msg} at character {e.pos})")
-        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-            raise ApiError(400, 'classes as JSON must be a list of strings, e.g. ["cat", "sofa"]')
-    else:
-        items = s.split(",")
-    names = [" ".join(x.split()) for x in items]
-    if not any(names):
-        raise ApiError(400, 'classes is empty: give names like "cat, sofa, potted plant"')
-    for i, n in enumerate(names, 1):
-        if not n:
-            raise ApiError(400, f"class name {i} of {len(names)} is blank; remove the extra comma or give a name")
-        if len(n) > MAX_NAME_CHARS:
-            raise ApiError(400, f"class name {i} is {len(n)} characters long; the limit is {MAX_NAME_CHARS}")
-    if len(names) > limit:
-        raise ApiError(400, f"{len(names)} class names given; this server's limit is {limit}")
+    """``"cat, sofa"`` or ``'["cat", "sofa"]'`` -> names, by the one class-name policy (:mod:`fusionseg.names`,
+    the same as the CLI's and the API's). ApiError(400) on bad input."""
     try:
-        return parse_class_names(names, limit=limit)
-    except ValueError as e:  # duplicates
+        return parse_class_names(raw, limit=limit)
+    except ValueError as e:
         raise ApiError(400, str(e)) from None
 
 
@@ -190,24 +171,15 @@ def read_form(parts: list[Part], cfg: ServeConfig) -> SegmentRequest:
 
 
 def check_image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
-    """Open ``data`` lazily (header only) and refuse it if its declared size exceeds ``max_pixels``."""
-    from PIL import UnidentifiedImageError
-
-    from ..data.io import _open  # Image.open with Pillow's own bomb limit off (under a lock): ours applies
+    """The declared size of ``data`` (header only, nothing decoded); 413 over ``max_pixels``, 400 if unreadable."""
+    from ..data.io import ImageError, ImageTooLarge, declared_size
     try:
-        im = _open(io.BytesIO(data))
-        w, h = im.size
-    except UnidentifiedImageError:
-        raise ApiError(400, "the upload is not an image this server can read (JPEG, PNG, BMP, GIF, TIFF, "
-                            "WebP, ...)") from None
-    except Exception as e:  # a recognised but broken header
-        raise ApiError(400, f"the image is truncated or corrupt ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
-    if w < 1 or h < 1:
-        raise ApiError(400, f"the image has no pixels ({w} x {h})")
-    if w * h > max_pixels:
-        raise ApiError(413, f"the image is {w} x {h} = {w * h:,} pixels; this server's limit is "
-                            f"{max_pixels:,} pixels: send a smaller image")
-    return w, h
+        return declared_size(data, max_pixels, name="the image")
+    except ImageTooLarge as e:
+        raise ApiError(413, f"{e}".replace("shrink it first or raise the limit (--max-megapixels, max_pixels=)",
+                                           "send a smaller image")) from None
+    except ImageError as e:
+        raise ApiError(400, str(e).replace("not an image Pillow can read", "not an image this server can read")) from None
 
 
 # --------------------------------------------------------------------------------------------------- work
@@ -261,7 +233,7 @@ class Service:
 
     # ---- compute (in a worker thread)
     def run(self, req: SegmentRequest) -> dict:
-        from ..data.io import ImageError, load_image
+        from ..data.io import ImageError, ImageTooLarge, load_image
         from ..visualize import label_png, overlay, palette
         from PIL import Image
         t0 = time.time()
@@ -271,12 +243,8 @@ class Service:
         try:
             img = load_image(bio, max_pixels=self.cfg.max_pixels)
         except ImageError as e:
-            status = 413 if "more than the limit" in str(e) else 400
-            raise ApiError(status, str(e)) from None
-        try:
-            pred = self.seg.predict(img, req.classes, threshold=req.threshold, background=req.background)
-        except KeyError:  # a cached embedding trimmed by a concurrent request between lookup and use
-            pred = self.seg.predict(img, req.classes, threshold=req.threshold, background=req.background)
+            raise ApiError(413 if isinstance(e, ImageTooLarge) else 400, str(e)) from None
+        pred = self.seg.predict(img, req.classes, threshold=req.threshold, background=req.background)
         s = pred.summary()
         pal = palette(len(req.classes))
         per = [{"name": n, "label": v["label"], "area_fraction": v["pixel_fraction"], "mean_score": v["mean_score"],
