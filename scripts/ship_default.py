@@ -1,7 +1,8 @@
 """Evaluate a training run on its validation split and ship it as the package's default model.
 
-Usage: python scripts/ship_default.py RUN_DIR [--data-root ../shared/data] [--no-write]
-Writes src/fusionseg/weights/default.safetensors (fp16) and MODEL_CARD.md with the measured numbers.
+Usage: python scripts/ship_default.py RUN_DIR [--data-root ../shared/data] [--no-write] [--trained-on TEXT]
+Writes src/fusionseg/weights/default.safetensors (fp16) and the whole of MODEL_CARD.md from what it measures
+and from the run's own records (nothing in the card is typed by hand).
 """
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from fusionseg.data.datasets import FolderDataset
-from fusionseg.engine.evaluate import evaluate_semantic
+from fusionseg._atomic import write_atomic
+from fusionseg.data.datasets import FolderDataset, normalize_name
+from fusionseg.engine.evaluate import evaluate_present, evaluate_semantic
 from fusionseg.model.checkpoint import DEFAULT_WEIGHTS, load_model, save_checkpoint
+from fusionseg.runtime import tune_malloc
 from fusionseg.segmenter import Segmenter
+
+
+def _pseudo(root: Path) -> bool:
+    """A folder written by `fusionseg pseudo-label` (its labels come from a teacher, not from people)."""
+    try:
+        return "teacher" in json.loads((root / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def main() -> None:
@@ -23,78 +32,112 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--data-root", default=None, help="where the run's dataset folders are now (default: as recorded)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--trained-on", default=None, help="where it was trained, for the card (default: as recorded)")
     a = ap.parse_args()
+    tune_malloc()
     run = Path(a.run)
     model, meta = load_model(run / "final.safetensors")
     seg = Segmenter(model, meta, "cpu")
     splits = json.loads((run / "splits.json").read_text())
-    results = {}
+    results, present, teacher_sets = {}, {}, []
     for name, sp in splits.items():
-        root = Path(a.data_root) / name if a.data_root else Path(sp["root"])
+        root = Path(a.data_root) / name if a.data_root and not _pseudo(Path(sp["root"])) else Path(sp["root"])
+        if _pseudo(root):
+            teacher_sets.append(root)
+            continue
+        if not sp["val"]:
+            continue
         ds = FolderDataset(root, sp["val"])
         t0 = time.time()
-        r = evaluate_semantic(seg, ds)
-        results[name] = r
-        print(f"{name}: {len(ds)} val images, mIoU {r['miou']:.3f}, pixel acc {r['pixel_accuracy']:.3f} ({time.time() - t0:.0f} s)")
+        results[name] = r = evaluate_semantic(seg, ds, progress=False)
+        present[name] = p = evaluate_present(seg, ds, progress=False)
+        print(f"{name}: {len(ds)} val images, all names mIoU {r['miou']:.3f}, present names mIoU {p['miou']:.3f} "
+              f"({time.time() - t0:.0f} s)")
     tr = meta["training"]
     mean = sum(r["miou"] for r in results.values()) / len(results)
-    print(f"mean over datasets: {mean:.3f}")
-    (run / "val_report.json").write_text(json.dumps(results, indent=1))
+    mean_p = sum(r["miou"] for r in present.values()) / len(present)
+    print(f"mean over datasets: all names {mean:.3f}, present names {mean_p:.3f}")
+    write_atomic(run / "val_report.json", json.dumps({"semantic": results, "present": present}, indent=1).encode())
     if a.no_write:
         return
     meta_out = {k: v for k, v in meta.items() if k not in ("config", "image_encoder", "text_encoder", "format", "path")}
-    meta_out["validation"] = {n: {"miou": r["miou"], "pixel_accuracy": r["pixel_accuracy"], "images": r["images"]}
-                              for n, r in results.items()}
-    for k in ("data",):
-        meta_out["training"][k] = [Path(p).name for p in tr[k]]
+    meta_out["validation"] = {n: {"miou": r["miou"], "pixel_accuracy": r["pixel_accuracy"], "images": r["images"],
+                                  "present_miou": present[n]["miou"]} for n, r in results.items()}
+    meta_out["training"]["data"] = [Path(p).name for p in tr["data"]]
+    if a.trained_on:
+        meta_out["trained_on"] = a.trained_on
     save_checkpoint(DEFAULT_WEIGHTS, model.head, model.image_encoder.spec, model.text_encoder.spec, meta_out, half=True)
     size_mb = DEFAULT_WEIGHTS.stat().st_size / 1e6
-    card = DEFAULT_WEIGHTS.parent / "MODEL_CARD.md"
-    rows = "\n".join(f"| {n} | {r['images']} | {r['miou']:.3f} | {r['pixel_accuracy']:.3f} | "
-                     f"{'arg-max (every pixel is a class)' if r['argmax'] else 'threshold 0.5'} |" for n, r in results.items())
+    gt_names: list[str] = []
+    for name, sp in splits.items():
+        root = Path(sp["root"])
+        if not _pseudo(root) and (root / "dataset.json").is_file():
+            for n in FolderDataset(root).class_names:
+                k = normalize_name(n)
+                if k in tr["vocabulary"] and k not in gt_names:
+                    gt_names.append(k)
+    teacher_names = [n for n in tr["vocabulary"] if n not in set(gt_names)]
+    teachers = sorted({json.dumps(json.loads((r / "dataset.json").read_text()).get("teacher", {}))
+                       for r in teacher_sets})
+    rows = "\n".join(f"| {n} | {r['images']} | {present[n]['miou']:.3f} | {len(present[n]['low_iou_classes'])} of "
+                     f"{present[n]['classes_evaluated']} | {r['miou']:.3f} | {r['pixel_accuracy']:.3f} | "
+                     f"{'arg-max (every pixel is a class)' if r['argmax'] else 'threshold 0.5'} |"
+                     for n, r in results.items())
     per = "\n".join(f"- **{n}**: " + ", ".join(f"{c} {v:.2f}" if v is not None else f"{c} n/a"
-                                                 for c, v in r["per_class"].items()) for n, r in results.items())
+                                                 for c, v in present[n]["per_class"].items()) for n in present)
     cfg = tr["config"]
-    card.write_text(f"""# fusionseg default model
+    mc = meta["config"]
+    data_names = [Path(p).name for p in tr["data"]]
+    human = [d for d, sp in splits.items() if not _pseudo(Path(sp["root"]))]
+    card = f"""# fusionseg default model
 
 `default.safetensors` ({size_mb:.1f} MB, fp16): the trainable part of a Fusioner (fusion transformer, decoder,
-cosine head; {tr['parameters']:,} parameters) for the frozen encoders **efficientnet-lite0** (image) and
-**minilm-l6** (text, default prompt templates), both loaded offline from their PyPI packages.
+cosine head; {tr['parameters']:,} parameters) for the frozen encoders **{model.image_encoder.spec.name}** (image) and
+**{model.text_encoder.spec.name}** (text, {meta.get('templates', 'default')} prompt templates), both loaded offline from their PyPI packages.
+This card is written by `python scripts/ship_default.py RUN_DIR` from the run's records and its measurements.
 
 ## Training
-- Recipe: `scripts/train_default.sh` (preset `{meta['config']['preset']}`: width {meta['config']['width']},
-  {meta['config']['layers']} layers, {meta['config']['heads']} heads, MLP {meta['config']['mlp']}, decoder
-  {meta['config']['decoder_channels']}, tokens at stride 32 with stride-16/8 skips).
-- Data: the five folders of `../shared/data` with a `dataset.json` ({', '.join(Path(p).name for p in tr['data'])});
-  {tr['train_images']} training images; 15% of each folder's images (seeded) kept aside for validation, and the
-  demo image `examples/cat_toilet.jpg` (COCO 000000358083) held out.
+- Preset `{mc['preset']}`: width {mc['width']}, {mc['layers']} layers, {mc['heads']} heads, MLP {mc['mlp']}, decoder
+  {mc['decoder_channels']}, tokens at stride {max(mc['visual_strides'])}.
+- Data: {', '.join(data_names)}; {tr['train_images']} training images; {cfg['val_fraction']:.0%} of each folder's
+  images (seed {cfg['seed']}) kept aside for validation{', and held out: ' + ', '.join(cfg['holdout']) if cfg.get('holdout') else ''}.
+  Labelled by people: {', '.join(human)}.{' Pseudo-labelled by a teacher (`fusionseg pseudo-label`): ' + '; '.join(teachers) + '.' if teachers else ''}
 - {tr['steps']} steps, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine), weight decay
-  {cfg['weight_decay']}, per-class BCE at stride {cfg['loss_stride']}, up to {cfg['max_classes']} names per batch;
-  images at {cfg['size']} px (longer side, padded square), original + flipped view cached, random token-grid crops.
-- {meta.get('trained_from', 'Trained from the folders above.')}
-- Wall time: {tr["wall_seconds"]:.0f} s on {meta.get("trained_on", "the machine noted in the issue")}.
+  {cfg['weight_decay']}, per-class BCE at stride {cfg['loss_stride']}, up to {cfg['max_classes']} names per batch,
+  images at {cfg['size']} px (scales {cfg.get('scales') or 'default'}){f", synonyms as names at rate {cfg['synonym_rate']}" if cfg.get('synonym_rate') else ''}{f", started from `{cfg['init']}`" if cfg.get('init') else ''}.
+- Wall time: {tr["wall_seconds"]:.0f} s on {meta_out.get("trained_on", meta.get("trained_on", "the machine noted in the issue"))}.
 
-## Names seen in training ({len(tr['vocabulary'])})
-{', '.join(tr['vocabulary'])}
+## How names are scored
+The default mode (`auto` = `fusion+bridge` with EfficientNet-Lite) scores a name with this model when its text
+embedding is within cosine 0.85 of a name it was trained on; any other name goes to the semantic bridge (the
+image encoder's ImageNet classifier and the names of its 1,000 classes), sharpened by this model's own map of
+that name. `--mode fusion` gives the trained head alone, `--mode bridge` the training-free bridge alone.
 
-Names outside this list are embedded by MiniLM and scored by the same head, but they are **not** reliably
-segmented by meaning: with these offline encoders the model mostly learned the names above.
+## Validation (held-out images)
+*present*: each image segmented with exactly the classes its ground truth shows (`evaluate --protocol present`);
+*all names*: every class of the dataset named at once (`--protocol semantic`).
 
-## Validation (whole vocabulary of each dataset named at once, held-out images)
-| dataset | images | mIoU | pixel acc. | decision |
-|---|---|---|---|---|
+| dataset | images | present names mIoU | classes below IoU 0.05 | all names mIoU | pixel acc. (all names) | decision |
+|---|---|---|---|---|---|---|
 {rows}
 
-Mean mIoU over the five datasets: **{mean:.3f}**. Measured by `python scripts/ship_default.py RUN_DIR`.
+Mean over the {len(results)} datasets: present names **{mean_p:.3f}**, all names **{mean:.3f}**.
 
-Per-class IoU:
+Per-class IoU, present names:
 {per}
+
+## Names seen in training ({len(tr['vocabulary'])})
+Labelled by people ({len(gt_names)}): {', '.join(gt_names)}
+
+{f"From the teacher ({len(teacher_names)}): " + ', '.join(teacher_names) if teacher_names else "No teacher names."}
 
 ## Terms
 The training data are research datasets (COCO: CC BY 4.0 annotations, Flickr-licensed images; MSRC-v2;
-Weizmann Horse; CamVid): see each folder's SOURCE.md. Use these weights for research.
-""")
-    print(f"wrote {DEFAULT_WEIGHTS} ({size_mb:.1f} MB) and {card}")
+Weizmann Horse; CamVid; ImageNet sample photos for pseudo-labels, non-commercial research): see each folder's
+SOURCE.md. Use these weights for research.
+"""
+    write_atomic(DEFAULT_WEIGHTS.parent / "MODEL_CARD.md", card.encode())
+    print(f"wrote {DEFAULT_WEIGHTS} ({size_mb:.1f} MB) and {DEFAULT_WEIGHTS.parent / 'MODEL_CARD.md'}")
 
 
 if __name__ == "__main__":

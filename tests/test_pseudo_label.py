@@ -128,7 +128,7 @@ def test_train_reads_a_pseudo_labelled_collection(tmp_path):
     photos = _photos(tmp_path / "photos", n=2)
     pseudo_label([str(photos)], tmp_path / "out", StubTeacher(), progress=False, examples=0)
     sets = open_datasets([str(tmp_path / "out")])
-    assert [d.root.name for d in sets] == ["part-00"]
+    assert [d.root.name for d in sets] == ["out-part-00"]
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

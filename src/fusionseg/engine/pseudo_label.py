@@ -16,7 +16,7 @@ dense map. Per image:
   (its background pixels, "none of the dataset's classes", are left to the teacher).
 
 Masks are 8-bit (the folder format), so a vocabulary of more than 254 names is written as several *parts*
-(``part-00/``, ...), each a folder dataset of its own with at most 254 classes; ``OUT/dataset.json`` lists them
+(``OUT/<name of OUT>-part-00/``, ...), each a folder dataset of its own with at most 254 classes; ``OUT/dataset.json`` lists them
 (``"format": "fusionseg-collection/1"``) and ``fusionseg train --data OUT`` reads them all. An image goes to the
 part that holds its largest teacher class; its other classes outside that part are ignored. Images are
 referenced (symbolic links), not copied.
@@ -219,7 +219,9 @@ def pseudo_label(data: Sequence[str], out: str | Path, teacher, min_peak: float 
     if per_part < 1:
         raise PseudoLabelError(f"the ground-truth datasets bring {n_gt} names; at most {PART_CLASSES - 1} fit beside the teacher's")
     n_parts = -(-len(names) // per_part)
-    part_dirs = [out / f"part-{p:02d}" for p in range(n_parts)]
+    # parts are named after the output folder: training keys its splits by folder name, so two collections
+    # trained together must not both have a "part-00"
+    part_dirs = [out / f"{out.name}-part-{p:02d}" for p in range(n_parts)]
     for pd in part_dirs:
         (pd / "images").mkdir(parents=True, exist_ok=True)
         (pd / "masks").mkdir(parents=True, exist_ok=True)
