@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fusionseg.model.scoring import (KNOWN_NAME_SIMILARITY, NameScores, Scorer, known_from_similarity,
-                                     resolve_mode, switch_at_similarity)
+                                     resolve_mode, support_weighted, switch_at_similarity)
 from fusionseg.segmenter import Segmenter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,12 +55,13 @@ def test_the_combination_is_one_replaceable_function(seg):
         seen.append((s.n, s.known()))
         return s.bridge()
 
-    assert seg.scorer.combine is switch_at_similarity
+    # the default combination; the shipped checkpoint records no per-name image counts, so it is the switch
+    assert seg.scorer.combine is support_weighted and seg.scorer.support_counts is None
     seg.scorer.combine = all_bridge
     try:
         got = seg.logits_from(seg.encode(IMG), names)
     finally:
-        seg.scorer.combine = switch_at_similarity
+        seg.scorer.combine = support_weighted
     assert seen == [(3, [True, True, False])]
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(default, want, atol=1e-2)  # the default really differs
@@ -83,3 +84,29 @@ def test_fusioner_forward_takes_a_scorer(seg):
         plain = seg.model(p.x, names)
     assert full.shape == plain.shape == (1, 2, *p.x.shape[-2:])
     assert torch.allclose(full, plain, atol=1e-4)
+
+
+def test_support_weighted_mixes_model_and_bridge_by_training_images(seg):
+    """Known names: w * model + (1 - w) * bridge with w = n / (n + SUPPORT_PRIOR), n the training images of the
+    nearest training name; unknown names as the switch gives them; no counts: the switch itself."""
+    from fusionseg.model.scoring import SUPPORT_PRIOR
+    names = ["cat", "toilet", "bathtub mat"]
+    enc = seg.encode(IMG)
+    switch = seg.logits_from(enc, names)
+    vocab = seg.scorer.vocabulary
+    counts = torch.zeros(len(vocab))
+    counts[vocab.index("cat")], counts[vocab.index("toilet")] = 30.0, 0.0
+    fusion = Segmenter.from_pretrained("default", device="cpu", mode="fusion")
+    bridge = Segmenter.from_pretrained("default", device="cpu", mode="bridge")
+    f = fusion.logits_from(fusion.encode(IMG), names[:2])
+    b = bridge.logits_from(bridge.encode(IMG), names[:2])
+    seg.scorer.support_counts = counts
+    try:
+        got = seg.logits_from(seg.encode(IMG), names)
+    finally:
+        seg.scorer.support_counts = None
+    w = 30.0 / (30.0 + SUPPORT_PRIOR)
+    assert torch.allclose(got[0], w * f[0] + (1 - w) * b[0], atol=1e-4)
+    assert torch.allclose(got[1], b[1], atol=1e-4)  # never seen in training images: the bridge's map
+    assert not torch.allclose(got[0], switch[0], atol=1e-2)
+    assert torch.allclose(seg.logits_from(seg.encode(IMG), names), switch)  # counts gone: the switch again

@@ -171,7 +171,8 @@ class Segmenter:
         #: The scoring policy (:class:`~fusionseg.model.scoring.Scorer`): modes, known names, the bridge.
         self.scorer = model.scorer(mode, bridge=lambda: self.bridge,
                                    vocabulary=meta.get("training", {}).get("vocabulary") or [],
-                                   vocabulary_embeddings=self._vocabulary_embeddings)
+                                   vocabulary_embeddings=self._vocabulary_embeddings,
+                                   support=meta.get("training", {}).get("name_images"))
 
     @property
     def bridge(self):

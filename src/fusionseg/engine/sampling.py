@@ -101,6 +101,24 @@ def dataset_synonyms(ds) -> list[list[str]] | None:
     return [[str(w) for w in raw.get(str(v), [])] for v in values]
 
 
+def name_support(train_sets: Sequence, maps: Sequence[Sequence[int]], n_vocab: int) -> list[int] | None:
+    """Per vocabulary name, how many training images show it (read from the masks), or None when a training set
+    cannot give its masks by id. The scorer weighs the trained head by this evidence (``model.scoring``)."""
+    if not all(hasattr(ds, "load_mask") for ds in train_sets):
+        return None
+    counts = [0] * n_vocab
+    for ds, lmap in zip(train_sets, maps):
+        lut = np.full(256, -1, np.int64)
+        for k, g in enumerate(lmap, start=1):
+            lut[k] = g
+        for id in ds.ids:
+            for v in np.unique(ds.load_mask(id)):
+                g = lut[int(v)]
+                if g >= 0:
+                    counts[g] += 1
+    return counts
+
+
 def build_vocabulary(datasets: Sequence, exclude: Sequence[str] = ()) -> tuple[list[str], list[list[int]], list[str]]:
     """Global vocabulary (normalised names, first spelling kept) and, per dataset, local index -> global index
     (-1 for excluded). Returns (vocab, maps, excluded names that no dataset has)."""

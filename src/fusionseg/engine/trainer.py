@@ -37,7 +37,7 @@ from .distributed import Dist, wrap_for_training
 from .encoders import build_encoder_for_training, with_offline_hint
 from .metrics import SemanticMeter, semantic_scores
 from .plots import plot_metrics
-from .sampling import (dataset_synonyms, _mask_lut, _Pool, _UncachedSteps, build_vocabulary, choose_classes, default_scales,
+from .sampling import (dataset_synonyms, name_support, _mask_lut, _Pool, _UncachedSteps, build_vocabulary, choose_classes, default_scales,
                        gather_batch, make_step_plan, open_datasets, step_rng)
 from .state import (CONFIG_FILE, STATE_FILE, load_state, rng_states, save_state, set_rng_states,
                     write_checkpoint)
@@ -217,6 +217,7 @@ class Trainer:
         self.maps = [maps[datasets.index(ds)] for ds, _ in train_sets]  # per training set: local -> global id
         self.train_sets = [t for _, t in train_sets]
         self.n_train = sum(len(t) for t in self.train_sets)
+        self.support = name_support(self.train_sets, self.maps, len(self.vocab))
         if self.dist.main:
             write_atomic(self.out / "splits.json", json.dumps(self.splits, indent=1).encode())
             if write_config:
@@ -316,6 +317,7 @@ class Trainer:
         return {
             "templates": resolve_templates(cfg.templates), "image_size": cfg.size, "threshold": 0.5,
             "training": {"data": [str(d.root) for d in self.datasets], "vocabulary": self.vocab,
+                         "name_images": dict(zip(self.vocab, self.support)) if self.support else None,
                          "excluded_classes": sorted({normalize_name(c)
                                                      for c in list(cfg.exclude_classes) + self.auto_excluded}),
                          "train_images": self.n_train, "config": asdict(cfg),
