@@ -122,6 +122,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
     from .segmenter import Segmenter, parse_class_names
 
+    if a.engine == "ray":  # Ray actors (fusionseg.scale.ray_engine)
+        return _segment_ray(a)
     names = parse_class_names(a.classes)
     if a.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {a.batch_size}")
@@ -136,7 +138,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
     _check_writable(out)
     if a.threads:
         torch.set_num_threads(a.threads)
-    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile, mode=a.mode)
+    seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile, mode=a.mode,
+                                    runtime=a.runtime)
     thr = seg.threshold if a.threshold is None else a.threshold
     workers = a.workers if len(paths) >= 4 else 0  # starting processes does not pay for a few images
     ds = _SegmentInputs(paths, seg.preparer(), not a.no_overlay)
@@ -171,6 +174,27 @@ def cmd_segment(a: argparse.Namespace) -> int:
         for key in list(buckets):
             flush(buckets.pop(key))
         drain(0)
+    return 0
+
+
+def _segment_ray(a: argparse.Namespace) -> int:
+    from .scale.ray_engine import run
+    kw = dict(classes=a.classes, model=a.model, size=a.size, threshold=a.threshold, mode=a.mode, tile=a.tile,
+              runtime=a.runtime, background=a.background, device=None if a.device == "cpu" else a.device)
+    if a.threads:
+        kw["threads"] = a.threads
+    r = run(a.images, a.out, kw, address=a.address, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
+            batch_size=a.batch_size, overlay=not a.no_overlay, info={"model": str(a.model)})
+    print(f"{r['total']} images: {r['ok']} ok ({r['skipped']} already done), {r['errors']} errors -> {r['index']}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export.onnx import export_onnx
+    if a.format != "onnx":
+        raise CLIError(f"--format must be onnx, got {a.format!r}")
+    info = export_onnx(a.model, a.out, classes=a.classes, size=a.size, opset=a.opset)
+    print(f"exported {a.model} to {a.out}: {', '.join(info['files'])}")
     return 0
 
 
@@ -344,7 +368,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion: the trained model; bridge: training-free, through the image encoder's classifier "
                         "classes; fusion+bridge: the model for names it was trained on, the bridge for new ones; "
                         "auto (default): fusion+bridge where the image encoder has a classifier head, else fusion")
+    s.add_argument("--runtime", default="torch", choices=["torch", "onnx"],
+                   help="torch (default) or onnx: onnxruntime on a `fusionseg export` folder given as --model")
+    s.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local (default): this process; ray: Ray actors, resumable, with OUT/index.jsonl")
+    s.add_argument("--address", default=None,
+                   help="--engine ray: auto, HOST:PORT or ray://HOST:PORT of a cluster (default: a local one)")
+    s.add_argument("--actors", type=int, default=2, help="--engine ray: model replicas (default 2)")
+    s.add_argument("--gpus-per-actor", type=float, default=0.0, help="--engine ray: GPUs per actor (default 0)")
     s.set_defaults(func=cmd_segment)
+
+    x = sub.add_parser("export", help="export the image encoder and fusion head as ONNX (for onnxruntime)")
+    x.add_argument("--format", default="onnx", help="onnx (the only one for now)")
+    x.add_argument("--out", required=True, help="folder for the graphs, embeddings and fusionseg-onnx.json")
+    x.add_argument("--model", default="default", help="'default' or a checkpoint (.safetensors or run folder)")
+    x.add_argument("--classes", default=None,
+                   help='names whose text embeddings are stored with the export, e.g. "cat, sofa"')
+    x.add_argument("--size", type=int, default=None, help="size of the example input for tracing (default: the model's)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    x.set_defaults(func=cmd_export)
 
     t = sub.add_parser("train", help="train the fusion model (cached frozen features; torchrun for several GPUs)",
                        description="Flags override the --config file; --set key=value overrides any config key.")
