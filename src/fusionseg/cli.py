@@ -180,7 +180,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
 def _segment_ray(a: argparse.Namespace) -> int:
     from .scale.ray_engine import run
     kw = dict(classes=a.classes, model=a.model, size=a.size, threshold=a.threshold, mode=a.mode, tile=a.tile,
-              runtime=a.runtime, background=a.background, device=None if a.device == "cpu" else a.device)
+              runtime=a.runtime, background=a.background, device=a.device)
     if a.threads:
         kw["threads"] = a.threads
     r = run(a.images, a.out, kw, address=a.address, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
