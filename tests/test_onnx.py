@@ -145,3 +145,12 @@ def test_export_bad_format_and_unwritable_out(tmp_path, capsys):
     blocker.write_text("x")
     code, _, err = run_cli(["export", "--out", blocker / "sub"], capsys)
     assert code == 2 and "cannot write to output folder" in err
+
+
+def test_onnxruntime_missing_names_the_extra(export_dir, tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with pytest.raises(ValueError, match=r"pip install 'fusionseg\[onnx\]'"):
+        Segmenter.from_pretrained(export_dir, runtime="onnx")
+    code, _, err = run_cli(["export", "--out", tmp_path / "e"], capsys)
+    assert code == 2 and "needs onnxruntime" in err and err.count("\n") == 1
