@@ -78,13 +78,26 @@ def test_onnx_matches_pytorch_on_real_photos(photos, torch_seg, ort_seg):
     assert min(agree) >= 0.999, agree
 
 
-def test_onnx_batches_and_any_number_of_names(photos, torch_seg, ort_seg):
+def test_onnx_batches_and_any_number_of_names(photos, torch_seg, ort_seg, monkeypatch):
     two = [photos[0], photos[1]]  # MSRC photos of one shape: one batch of 2 through both graphs
+    calls = {"encoder": 0, "head": 0}
+    ort_models = ort_seg.model.head.ort
+    enc, head = ort_models.encoder.run, ort_models.head.run
+
+    def counted(kind, fn):
+        def run(*a, **k):
+            calls[kind] += 1
+            return fn(*a, **k)
+        return run
+
+    monkeypatch.setattr(ort_models.encoder, "run", counted("encoder", enc), raising=False)
+    monkeypatch.setattr(ort_models.head, "run", counted("head", head), raising=False)
     for names in (["grass"], NAMES + ["person", "road", "bicycle", "horse", "water", "flower"]):
         got = ort_seg.predict_batch(two, names)
         want = torch_seg.predict_batch(two, names)
         for g, w in zip(got, want):
             assert g.labels.shape == w.labels.shape and (g.labels == w.labels).mean() >= 0.999
+    assert calls == {"encoder": 2, "head": 2}  # onnxruntime did the work: one batch of 2 per name list
 
 
 def test_segment_runtime_onnx_cli(export_dir, photos, torch_seg, tmp_path, capsys):
