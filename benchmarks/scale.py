@@ -126,7 +126,7 @@ def render(res: dict) -> str:
                   "| runtime | images/s | ratio |", "|---|---:|---:|",
                   f"| PyTorch | {o['pytorch_images_per_s']} | 1.00x |",
                   f"| onnxruntime | {o['onnxruntime_images_per_s']} | {o['ratio_onnx_vs_pytorch']}x |", "",
-                  f"Labels equal on at least {o['min_label_agreement']:.2%} of pixels of every photo; export took "
+                  f"Labels equal on at least {o['min_label_agreement']:.4%} of pixels of every photo; export took "
                   f"{o['export_s']} s."]
     lines += ["", f"GPU: {res['gpu']}"]
     return "\n".join(lines)

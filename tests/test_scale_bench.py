@@ -32,7 +32,7 @@ def test_render_between_markers(tmp_path):
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{mod.END}\noutro\n") and "old table" not in text
     assert "| --engine ray, 2 actors | 40.0 | 5.0 | 0.5x |" in text
-    assert "| onnxruntime | 4.5 | 1.5x |" in text and "99.95%" in text and "no GPU was lent" in text
+    assert "| onnxruntime | 4.5 | 1.5x |" in text and "99.9500%" in text and "no GPU was lent" in text
 
 
 def test_the_readme_has_the_markers():
