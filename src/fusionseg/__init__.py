@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Segmenter", "Prediction", "load_model", "train", "evaluate", "__version__"]
+__all__ = ["Segmenter", "Prediction", "BatchPredictor", "load_model", "train", "evaluate", "__version__"]
 
 
 def __getattr__(name: str):
@@ -11,6 +11,9 @@ def __getattr__(name: str):
     if name in ("Segmenter", "Prediction"):
         from . import segmenter
         return getattr(segmenter, name)
+    if name == "BatchPredictor":  # for Ray Data map_batches / Spark predict_batch_udf (fusionseg.batch)
+        from .batch import BatchPredictor
+        return BatchPredictor
     if name == "load_model":
         from .model.checkpoint import load_model
         return load_model

@@ -244,6 +244,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
     _check_segment_args(a)
     names = _segment_names(a)
+    if a.engine == "ray":  # Ray actors (fusionseg.scale.ray_engine)
+        return _segment_ray(a, names)
     paths = _image_paths(a.images)
     out = Path(a.out)
     overlay = not a.no_overlay
@@ -314,7 +316,7 @@ def _segment_run(a, names, paths, todo, out, overlay, max_pixels, status, fail) 
     if a.threads:
         torch.set_num_threads(a.threads)
     seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile, mode=a.mode,
-                                    max_pixels=max_pixels)
+                                    max_pixels=max_pixels, runtime=a.runtime)
     thr = seg.threshold if a.threshold is None else a.threshold
     sub = [paths[i] for i in todo]
     workers = a.workers if len(sub) >= 4 else 0  # starting processes does not pay for a few images
@@ -450,6 +452,27 @@ def _check_run_folder(out: Path, resume, overwrite: bool) -> None:
                        f"--overwrite to start afresh there, or give another --out")
     for f in found:
         (out / f).unlink()
+
+
+def _segment_ray(a: argparse.Namespace, names: list[str]) -> int:
+    from .scale.ray_engine import run
+    kw = dict(classes=names, model=a.model, size=a.size, threshold=a.threshold, mode=a.mode, tile=a.tile,
+              runtime=a.runtime, background=a.background, device=a.device)
+    if a.threads:
+        kw["threads"] = a.threads
+    r = run(a.images, a.out, kw, address=a.address, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
+            batch_size=a.batch_size, overlay=not a.no_overlay, info={"model": str(a.model)})
+    print(f"{r['total']} images: {r['ok']} ok ({r['skipped']} already done), {r['errors']} errors -> {r['index']}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export.onnx import export_onnx
+    if a.format != "onnx":
+        raise CLIError(f"--format must be onnx, got {a.format!r}")
+    info = export_onnx(a.model, a.out, classes=a.classes, size=a.size, opset=a.opset)
+    print(f"exported {a.model} to {a.out}: {', '.join(info['files'])}")
+    return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -693,7 +716,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion: the trained model; bridge: training-free, through the image encoder's classifier "
                         "classes; fusion+bridge: the model for names it was trained on, the bridge for new ones; "
                         "auto (default): fusion+bridge where the image encoder has a classifier head, else fusion")
+    s.add_argument("--runtime", default="torch", choices=["torch", "onnx"],
+                   help="torch (default) or onnx: onnxruntime on a `fusionseg export` folder given as --model")
+    s.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local (default): this process; ray: Ray actors, resumable, with OUT/index.jsonl")
+    s.add_argument("--address", default=None,
+                   help="--engine ray: auto, HOST:PORT or ray://HOST:PORT of a cluster (default: a local one)")
+    s.add_argument("--actors", type=int, default=2, help="--engine ray: model replicas (default 2)")
+    s.add_argument("--gpus-per-actor", type=float, default=0.0, help="--engine ray: GPUs per actor (default 0)")
     s.set_defaults(func=cmd_segment)
+
+    x = sub.add_parser("export", help="export the image encoder and fusion head as ONNX (for onnxruntime)")
+    x.add_argument("--format", default="onnx", help="onnx (the only one for now)")
+    x.add_argument("--out", required=True, help="folder for the graphs, embeddings and fusionseg-onnx.json")
+    x.add_argument("--model", default="default", help="'default' or a checkpoint (.safetensors or run folder)")
+    x.add_argument("--classes", default=None,
+                   help='names whose text embeddings are stored with the export, e.g. "cat, sofa"')
+    x.add_argument("--size", type=int, default=None, help="size of the example input for tracing (default: the model's)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    x.set_defaults(func=cmd_export)
 
     t = sub.add_parser("train", help="train the fusion model (cached frozen features; torchrun for several GPUs)",
                        description="Flags override the --config file; --set key=value overrides any config key.")

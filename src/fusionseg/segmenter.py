@@ -199,7 +199,11 @@ class Segmenter:
         return self.scorer.similarity(list(names), lambda: self.text_embeddings(list(names)))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "default", device: str | None = None, **kw) -> "Segmenter":
+    def from_pretrained(cls, name_or_path: str | Path = "default", device: str | None = None, runtime: str = "torch",
+                        **kw) -> "Segmenter":
+        if runtime != "torch":  # onnxruntime: name_or_path is a `fusionseg export` folder (fusionseg.export.onnx)
+            from .export.onnx import onnx_segmenter
+            return onnx_segmenter(cls, name_or_path, device, runtime, **kw)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu")

@@ -1,0 +1,1 @@
+"""Scale-out engines: Ray (``fusionseg segment --engine ray``)."""
