@@ -10,7 +10,7 @@ A store is keyed by the encoder fingerprint and the (dataset, size, views); insi
 exactly one shard, so any subset of a dataset (the training split, the validation split, a rank's share)
 reads the shards that hold its ids and computes only the ids no shard holds. Views are the original and the
 horizontally flipped image (``views=2``); scale jitter is a separate store per training size, and crops are
-taken on the cached grid at training time (``engine.sampling.gather_batch``), so augmentation stays real.
+taken on the cached grid at training time (by the training loop's batch planning), so augmentation stays real.
 
 Integrity: a shard is written to a temporary file, fsynced and renamed, and only then is its ``.json`` entry
 written (same way). A shard without an entry (a kill mid-write) is ignored and recomputed; a shard whose bytes
@@ -26,12 +26,10 @@ shard keeps the bytes that were verified.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import math
+import mmap
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,11 +37,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save as save_bytes
 from tqdm import tqdm
 
+from .._atomic import write_atomic, write_failure_reason
 from ..encoders.base import ImageEncoder
 from .transforms import prepare_training_pair
+
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older releases
+    SafetensorError = Exception  # type: ignore[misc,assignment]
 
 FORMAT = "fusionseg-cache/2"
 DEFAULT_SHARD_SIZE = 256
@@ -159,41 +164,9 @@ def store_dir(ds, encoder: ImageEncoder, size: int, views: int, cache_dir: str |
     return folder / f"{ds.name}-{h.hexdigest()[:12]}-s{size}-v{views}"
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename.
-
-    A failure (disk full) leaves any previous ``path`` untouched and removes the temporary file.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _disk_error(e: OSError, what: Path) -> CacheError:
-    reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    err = CacheError(f"could not write the feature cache {what}: {reason}; free space or pass --cache-dir on "
-                     f"another disk (nothing half-written was kept)")
+    err = CacheError(f"could not write the feature cache {what}: {write_failure_reason(e)}; free space or pass "
+                     f"--cache-dir on another disk (nothing half-written was kept)")
     err.errno = e.errno
     return err
 
@@ -213,67 +186,37 @@ def _scan(store: Path) -> dict[str, dict]:
     return out
 
 
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-           "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-           "BOOL": torch.bool}
-
-
-def _parse_safetensors(buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file held in the uint8 tensor ``buf``, as views into it (no copy where the
-    data is aligned for its dtype). Raises ValueError on anything malformed."""
-    if buf.numel() < 8:
-        raise ValueError("shorter than the 8-byte header length")
-    n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
-    if not 0 < n <= buf.numel() - 8:
-        raise ValueError(f"header length {n} does not fit in {buf.numel()} bytes")
-    header = json.loads(buf[8:8 + n].numpy().tobytes())
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"unsupported dtype {info['dtype']}")
-        start, end = (base + int(o) for o in info["data_offsets"])
-        shape = [int(d) for d in info["shape"]]
-        size = dtype.itemsize
-        if not base <= start <= end <= buf.numel() or end - start != size * math.prod(shape):
-            raise ValueError(f"tensor {name} lies outside the file or has the wrong size")
-        raw = buf[start:end]
-        if start % size:
-            raw = raw.clone()  # unaligned for this dtype: a copy (safetensors writers align, so rare)
-        out[name] = raw.view(dtype).view(shape)
-    return out
-
-
-def _load_verified(store: Path, entry: dict) -> dict[str, torch.Tensor] | None:
-    """The shard's tensors, memory-mapped, if its bytes match the recorded sha256, else None (after a warning;
-    the bad shard and its entry are removed so that it is recomputed). The tensors are views of the very
-    mapping that was hashed."""
+def _load_verified(store: Path, entry: dict, _retry: bool = True) -> dict[str, torch.Tensor] | None:
+    """The shard's tensors, memory-mapped (``safetensors.safe_open``: no copy into the process), if its bytes match
+    the recorded sha256, else None (after a warning; the bad shard and its entry are removed so that it is
+    recomputed). The bytes are hashed through a read-only mapping of the same file (same inode) that is then
+    opened: a shard replaced in between (shards change only by rename) is verified again."""
     f = store / entry["file"]
     problem = None
-    buf = None
-    try:
-        size = f.stat().st_size
-        if size == 0:
-            problem = "empty (0 bytes on disk; truncated)"
-        else:
-            buf = torch.from_file(str(f), shared=False, size=size, dtype=torch.uint8)
-    except (OSError, RuntimeError) as e:
-        problem = f"unreadable ({getattr(e, 'strerror', None) or e})"
-    if buf is not None and hashlib.sha256(buf.numpy()).hexdigest() != entry.get("sha256"):
-        problem = f"checksum mismatch ({buf.numel()} bytes on disk; truncated or corrupted)"
     tensors = None
-    if problem is None:
-        try:
-            tensors = _parse_safetensors(buf)
-        except (ValueError, KeyError, TypeError) as e:
-            problem = f"not a readable safetensors file ({e})"
+    try:
+        with open(f, "rb") as fh:
+            inode = os.fstat(fh.fileno()).st_ino
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                problem = "empty (0 bytes on disk; truncated)"
+            else:
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    if hashlib.sha256(m).hexdigest() != entry.get("sha256"):
+                        problem = f"checksum mismatch ({size} bytes on disk; truncated or corrupted)"
+        if problem is None:
+            try:
+                with safe_open(str(f), framework="pt") as so:
+                    if os.stat(f).st_ino != inode:  # replaced since it was hashed: verify the new file
+                        return _load_verified(store, entry, _retry=False) if _retry else None
+                    tensors = {k: so.get_tensor(k) for k in so.keys()}
+            except (SafetensorError, ValueError, KeyError, TypeError) as e:
+                problem = f"not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    except OSError as e:
+        problem = f"unreadable ({getattr(e, 'strerror', None) or e})"
     if problem is not None:
         warnings.warn(f"feature cache: shard {f} is {problem}; recomputing its {len(entry.get('ids', []))} images",
                       stacklevel=3)
-        del buf
         for p in (f, f.with_suffix(".json")):
             try:
                 p.unlink(missing_ok=True)
