@@ -1,8 +1,10 @@
 """Evaluate a training run on its validation split and ship it as the package's default model.
 
-Usage: python scripts/ship_default.py RUN_DIR [--data-root ../shared/data] [--no-write] [--trained-on TEXT]
+Usage: python scripts/ship_default.py RUN_DIR|default [--data-root ../shared/data] [--no-write] [--trained-on TEXT]
 Writes src/fusionseg/weights/default.safetensors (fp16) and the whole of MODEL_CARD.md from what it measures
-and from the run's own records (nothing in the card is typed by hand).
+and from the run's own records (nothing in the card is typed by hand). ``default`` re-ships the shipped weights
+(its splits recomputed from its recorded recipe under --data-root), e.g. to add what a newer version records:
+a checkpoint without ``training.name_images`` (training images per name, read by the scorer) gets them here.
 """
 from __future__ import annotations
 
@@ -27,6 +29,31 @@ def _pseudo(root: Path) -> bool:
         return False
 
 
+def recorded_splits(meta: dict, data_root: str) -> dict:
+    """The train/val split of each training folder, recomputed from the checkpoint's recorded recipe."""
+    from fusionseg.data.datasets import split_ids
+    cfg = meta["training"]["config"]
+    hold = set(cfg.get("holdout") or [])
+    out = {}
+    for p in meta["training"]["data"]:
+        root = Path(data_root) / Path(p).name
+        ds = FolderDataset(root)
+        tr, va = split_ids([i for i in ds.ids if i not in hold], cfg["val_fraction"], cfg["seed"])
+        out[ds.name] = {"root": str(root), "train": tr, "val": sorted(set(va) | (hold & set(ds.ids)))}
+    return out
+
+
+def count_names(meta: dict, splits: dict) -> dict:
+    """Training images per vocabulary name (``training.name_images``) from the training splits' masks."""
+    from fusionseg.engine.sampling import build_vocabulary, name_support, open_datasets
+    sets = open_datasets([sp["root"] for sp in splits.values()])
+    vocab, maps, _ = build_vocabulary(sets, meta["training"].get("excluded_classes") or [])
+    if vocab != meta["training"]["vocabulary"]:
+        raise SystemExit("the datasets found do not give the checkpoint's vocabulary; check --data-root")
+    sup = name_support([d.subset(splits[d.name]["train"]) for d in sets], maps, len(vocab))
+    return dict(zip(vocab, sup))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
@@ -35,10 +62,18 @@ def main() -> None:
     ap.add_argument("--trained-on", default=None, help="where it was trained, for the card (default: as recorded)")
     a = ap.parse_args()
     tune_malloc()
-    run = Path(a.run)
-    model, meta = load_model(run / "final.safetensors")
+    if a.run == "default":
+        model, meta = load_model("default")
+        splits = recorded_splits(meta, a.data_root or "../shared/data")
+        run = Path("runs/default-reship")
+        run.mkdir(parents=True, exist_ok=True)
+    else:
+        run = Path(a.run)
+        model, meta = load_model(run / "final.safetensors")
+        splits = json.loads((run / "splits.json").read_text())
+    if not meta["training"].get("name_images"):
+        meta["training"]["name_images"] = count_names(meta, splits)
     seg = Segmenter(model, meta, "cpu")
-    splits = json.loads((run / "splits.json").read_text())
     results, present, teacher_sets = {}, {}, []
     for name, sp in splits.items():
         root = Path(a.data_root) / name if a.data_root and not _pseudo(Path(sp["root"])) else Path(sp["root"])
