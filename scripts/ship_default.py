@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--data-root", default=None, help="where the run's dataset folders are now (default: as recorded)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--trained-on", default=None, help="where it was trained, for the card (default: as recorded)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="the shipped \"none of these\" threshold (default: the checkpoint's)")
     a = ap.parse_args()
     tune_malloc()
     if a.run == "default":
@@ -71,6 +73,8 @@ def main() -> None:
         run = Path(a.run)
         model, meta = load_model(run / "final.safetensors")
         splits = json.loads((run / "splits.json").read_text())
+    if a.threshold is not None:
+        meta["threshold"] = a.threshold
     if not meta["training"].get("name_images"):
         meta["training"]["name_images"] = count_names(meta, splits)
     seg = Segmenter(model, meta, "cpu")
@@ -116,7 +120,7 @@ def main() -> None:
                        for r in teacher_sets})
     rows = "\n".join(f"| {n} | {r['images']} | {present[n]['miou']:.3f} | {len(present[n]['low_iou_classes'])} of "
                      f"{present[n]['classes_evaluated']} | {r['miou']:.3f} | {r['pixel_accuracy']:.3f} | "
-                     f"{'arg-max (every pixel is a class)' if r['argmax'] else 'threshold 0.5'} |"
+                     f"{'arg-max (every pixel is a class)' if r['argmax'] else f'threshold {seg.threshold}'} |"
                      for n, r in results.items())
     per = "\n".join(f"- **{n}**: " + ", ".join(f"{c} {v:.2f}" if v is not None else f"{c} n/a"
                                                  for c, v in present[n]["per_class"].items()) for n in present)
@@ -143,10 +147,14 @@ This card is written by `python scripts/ship_default.py RUN_DIR` from the run's 
 - Wall time: {tr["wall_seconds"]:.0f} s on {meta_out.get("trained_on", meta.get("trained_on", "the machine noted in the issue"))}.
 
 ## How names are scored
-The default mode (`auto` = `fusion+bridge` with EfficientNet-Lite) scores a name with this model when its text
-embedding is within cosine 0.85 of a name it was trained on; any other name goes to the semantic bridge (the
-image encoder's ImageNet classifier and the names of its 1,000 classes), sharpened by this model's own map of
-that name. `--mode fusion` gives the trained head alone, `--mode bridge` the training-free bridge alone.
+The default mode (`auto` = `fusion+bridge` with EfficientNet-Lite) treats a name as known when its text
+embedding is within cosine 0.85 of a name it was trained on. A known name's logits are this model's and the
+semantic bridge's (the image encoder's ImageNet classifier and the names of its 1,000 classes) mixed with weight
+n / (n + 10) on the model, n the training images that showed that name (recorded below as
+`training.name_images`): names seen in hundreds of photos keep the model's sharp maps, names seen in a handful
+lean on the bridge. Any other name goes to the bridge, sharpened by this model's own map of it. A pixel takes
+the best name when its sigmoid score reaches the threshold ({meta.get('threshold', 0.5)}), else "none of these".
+`--mode fusion` gives the trained head alone, `--mode bridge` the training-free bridge alone.
 
 ## Validation (held-out images)
 *present*: each image segmented with exactly the classes its ground truth shows (`evaluate --protocol present`);
