@@ -9,7 +9,8 @@ Usage:
   python scripts/everyday_study.py --row "today (auto)=default" --row "today, bridge=default:bridge" \\
       --row "self-trained=runs/st/final.safetensors" --data-root ../shared/data \\
       --json docs/bench/everyday.json --results docs/RESULTS.md
-A row is ``LABEL=MODEL[:MODE[:THRESHOLD]]``.
+A row is ``LABEL=MODEL[:MODE[:THRESHOLD]]``; MODEL ``default@REV`` is the default model shipped at git revision REV
+(read with ``git show``), so rows of earlier defaults stay reproducible.
 """
 from __future__ import annotations
 
@@ -38,10 +39,24 @@ def command(model: str, mode: str, thr: float | None, data: str) -> str:
     return c + (f" --threshold {thr}" if thr is not None else "")
 
 
+def resolve_model(model: str) -> str:
+    """``default@REV`` -> a file holding the default weights shipped at git revision REV; other names as given."""
+    if not model.startswith("default@"):
+        return model
+    import subprocess
+    import tempfile
+    rev = model.partition("@")[2]
+    blob = subprocess.run(["git", "show", f"{rev}:src/fusionseg/weights/default.safetensors"], capture_output=True,
+                          check=True).stdout
+    f = Path(tempfile.gettempdir()) / f"fusionseg-default-{rev}.safetensors"
+    f.write_bytes(blob)
+    return str(f)
+
+
 def run_row(model: str, mode: str, thr: float | None, root: Path) -> dict:
     from fusionseg.engine.evaluate import evaluate
     from fusionseg.segmenter import Segmenter
-    seg = Segmenter.from_pretrained(model, device="cpu", mode=mode)
+    seg = Segmenter.from_pretrained(resolve_model(model), device="cpu", mode=mode)
     out = {}
     for name in DATASETS:
         d = root / name
