@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -128,12 +130,15 @@ def main() -> None:
     mc = meta["config"]
     data_names = [Path(p).name for p in tr["data"]]
     human = [d for d, sp in splits.items() if not _pseudo(Path(sp["root"]))]
+    t = meta.get("templates", "default")
+    templates = f"{len(t)}" if isinstance(t, list) else str(t)
+    command = "python scripts/ship_default.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     card = f"""# fusionseg default model
 
 `default.safetensors` ({size_mb:.1f} MB, fp16): the trainable part of a Fusioner (fusion transformer, decoder,
 cosine head; {tr['parameters']:,} parameters) for the frozen encoders **{model.image_encoder.spec.name}** (image) and
-**{model.text_encoder.spec.name}** (text, {meta.get('templates', 'default')} prompt templates), both loaded offline from their PyPI packages.
-This card is written by `python scripts/ship_default.py RUN_DIR` from the run's records and its measurements.
+**{model.text_encoder.spec.name}** (text, {templates} prompt templates), both loaded offline from their PyPI packages.
+This card is written by `{command}` from the run's records and its measurements.
 
 ## Training
 - Preset `{mc['preset']}`: width {mc['width']}, {mc['layers']} layers, {mc['heads']} heads, MLP {mc['mlp']}, decoder
