@@ -700,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-megapixels", type=float, default=None,
                    help="largest image, width x height as its header declares, in megapixels (default 120)")
     s.add_argument("--model", default="default", help="'default' or a checkpoint (.safetensors or run folder)")
-    s.add_argument("--threshold", type=float, default=None, help="none-of-these threshold on the sigmoid score (default 0.5)")
+    s.add_argument("--threshold", type=float, default=None, help="none-of-these threshold on the sigmoid score (default: the model's; 0.3 for the shipped one)")
     s.add_argument("--background", action="store_true", help="plain arg-max, no threshold (name a background class yourself)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--size", type=int, default=None, help="working size: longer image side in px (default: the model's)")

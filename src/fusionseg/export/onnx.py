@@ -90,24 +90,21 @@ def _traceable_pooling():
 
 @contextlib.contextmanager
 def _plain_ops(enc):
-    """Encoders may take CPU fast paths the tracer cannot follow (EfficientNet-Lite's fused oneDNN
-    conv + ReLU6, ``FUSE_RELU6``, and its cached BatchNorm folding, ``FOLD_BN``); switch them off while tracing
-    (the graph computes the same function; onnxruntime folds the BatchNorms itself)."""
+    """Encoders may take CPU fast paths the tracer cannot follow (EfficientNet-Lite's fused oneDNN conv + ReLU6
+    and its cached BatchNorm folding): trace with the plain reference paths (``fusionseg.runtime.fast_paths``;
+    the graph computes the same function, and onnxruntime folds the BatchNorms itself)."""
     import sys
+    from ..runtime import fast_paths_as
     mod = sys.modules.get(type(enc).__module__)
-    saved = {f: getattr(mod, f) for f in ("FUSE_RELU6", "FOLD_BN") if mod is not None and hasattr(mod, f)}
-    for f in saved:
-        setattr(mod, f, False)
     same = getattr(mod, "_same", None)
     if same is not None:
         # TF "same" padding from the traced size: on the encoder's grid (every stride-2 input has an even size)
         # it is the same for every size, so it is taken as a constant (traced shape arithmetic mixed up H and W)
         mod._same = lambda n, kernel, stride: same(int(n), kernel, stride)
     try:
-        yield
+        with fast_paths_as(False):
+            yield
     finally:
-        for f, v in saved.items():
-            setattr(mod, f, v)
         if same is not None:
             mod._same = same
 
