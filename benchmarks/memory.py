@@ -33,7 +33,7 @@ def peak_mb(img: Path, out: Path, extra: list[str], threads: int) -> tuple[float
     import os
     env = dict(os.environ, PYTHONPATH=env_path + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", WRAP, "segment", str(img), "--classes", CLASSES, "--out", str(out),
-                        "--threads", str(threads), *extra], capture_output=True, text=True, env=env)
+                        "--threads", str(threads), "--overwrite", *extra], capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"segment failed on {img.name}: {r.stderr.strip().splitlines()[-1:]}")
     kb = int(next(l for l in r.stdout.splitlines() if l.startswith("PEAK_KB")).split()[1])
