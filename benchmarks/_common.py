@@ -233,10 +233,10 @@ def save_results(path: str | Path, name: str, settings: str, tables: Sequence[di
     return res
 
 
-def render_results(res: dict) -> str:
-    """Markdown for one benchmark's JSON (see ``save_results``)."""
+def render_results(res: dict, name: str | None = None) -> str:
+    """Markdown for one benchmark's JSON (see ``save_results``), read from ``docs/bench/<name>.json``."""
     m = res.get("machine") or {}
-    src = f"docs/bench/{res['benchmark']}.json"
+    src = f"docs/bench/{name or res['benchmark']}.json"
     if res.get("measured", True):
         where = (f"{m.get('cpus', '?')} CPU cores, torch {m.get('torch', '?')}, 1-minute load average "
                  f"{m.get('load_1min', '?')}")

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-BLOCK = re.compile(r"<!-- bench:([A-Za-z0-9_\-]+):begin -->")
+BLOCK = re.compile(r"<!-- bench:([a-z0-9_\-]+):begin -->")  # lower case: NAME in prose is no block
 
 
 def block_names(doc: str) -> list[str]:
@@ -35,7 +35,7 @@ def render_doc(doc: str, bench_dir: Path) -> str:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read {path}: {e}") from None
         begin, end = C.markers(name)
-        doc = C.replace_between(doc, begin, end, C.render_results(res))
+        doc = C.replace_between(doc, begin, end, C.render_results(res, name))
     return doc
 
 
