@@ -152,3 +152,105 @@ def vit_b16_paper_segmenter(folder: Path, size: int):
 def default_segmenter(size: int):
     from fusionseg.segmenter import Segmenter
     return Segmenter.from_pretrained("default", device="cpu", size=size)
+
+
+# ------------------------------------------------------------------------------------------ results as JSON
+# Every script writes what it measured to docs/bench/<name>.json (``--json PATH``), and
+# ``python benchmarks/render.py README.md`` renders each ``<!-- bench:NAME:begin -->`` ...
+# ``<!-- bench:NAME:end -->`` block of the README from docs/bench/NAME.json: numbers are generated, not typed.
+BENCH_DIR = ROOT / "docs" / "bench"
+_T0 = time.perf_counter()
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The README markers of benchmark ``name``'s rendered block."""
+    return f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+
+
+def replace_between(doc: str, begin: str, end: str, text: str) -> str:
+    """``doc`` with what lies between ``begin`` and ``end`` replaced by ``text``; all else unchanged.
+    Raises ValueError when the markers are missing, repeated or out of order."""
+    if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
+        raise ValueError(f"needs exactly one {begin} followed by one {end}")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{text.strip()}\n{end}{tail}"
+
+
+def write_between(path: Path, text: str, begin: str, end: str) -> None:
+    """Rewrite the block between the markers of the file at ``path`` (exit 2 with one line when they are missing)."""
+    path = Path(path)
+    try:
+        doc = path.read_text(encoding="utf-8")
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror or e}")
+    try:
+        new = replace_between(doc, begin, end, text)
+    except ValueError as e:
+        fail(f"{path}: {e}")
+    path.write_text(new, encoding="utf-8")
+
+
+def add_json_arg(ap: argparse.ArgumentParser, name: str) -> None:
+    ap.add_argument("--json", default=str(BENCH_DIR / f"{name}.json"),
+                    help=f"where to write the results (default docs/bench/{name}.json); "
+                         "`python benchmarks/render.py README.md` renders them")
+
+
+def machine() -> dict:
+    import os
+    import platform
+    return {"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "torch": torch.__version__,
+            "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def command() -> str:
+    """The command line that ran this script, as a user would type it (paths relative to the checkout)."""
+    import shlex
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    return "python " + shlex.join([str(script), *sys.argv[1:]])
+
+
+def save_results(path: str | Path, name: str, settings: str, tables: Sequence[dict] = (),
+                 notes: Sequence[str] = (), measured: bool = True, **extra) -> dict:
+    """Write one benchmark's results as JSON: ``tables`` are ``{"title", "header", "rows"}``, ``notes`` lines
+    of text that are rendered after them; the command line, machine and wall seconds are recorded."""
+    import json
+    res = {"benchmark": name, "command": command(), "measured": measured, "settings": settings,
+           "seconds": round(time.perf_counter() - _T0, 1), "machine": machine(),
+           "tables": [{"title": t.get("title", ""), "header": list(t["header"]),
+                       "rows": [[c if isinstance(c, (int, float, bool)) or c is None else str(c) for c in r]
+                                for r in t["rows"]]} for t in tables],
+           "notes": list(notes), **extra}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+    return res
+
+
+def render_results(res: dict, name: str | None = None) -> str:
+    """Markdown for one benchmark's JSON (see ``save_results``), read from ``docs/bench/<name>.json``."""
+    m = res.get("machine") or {}
+    src = f"docs/bench/{name or res['benchmark']}.json"
+    if res.get("measured", True):
+        where = (f"{m.get('cpus', '?')} CPU cores, torch {m.get('torch', '?')}, 1-minute load average "
+                 f"{m.get('load_1min', '?')}")
+        lines = [f"Generated from `{src}`, written by `{res['command']}` ({res.get('settings', '')}; "
+                 f"{where}; {res.get('seconds', '?')} s)."]
+    else:
+        lines = [f"Not measured in this run: {res.get('reason', 'no reason recorded')}. "
+                 f"Command: `{res['command']}` ({res.get('settings', '')}); it writes `{src}`."]
+    for t in res.get("tables", []):
+        lines.append("")
+        if t.get("title"):
+            lines += [t["title"], ""]
+        lines.append(table(t["header"], t["rows"]))
+    if res.get("notes"):
+        for n in res["notes"]:
+            lines += ["", n]
+    return "\n".join(lines)

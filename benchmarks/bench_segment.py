@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from fusionseg.segmenter import Segmenter
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+from fusionseg.segmenter import Segmenter  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -35,6 +40,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    C.add_json_arg(ap, "bench_segment")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     seg = Segmenter.from_pretrained(a.model, device=a.device)
@@ -42,9 +48,12 @@ def main() -> None:
     enc = model.image_encoder
     x = torch.rand(1, 3, a.size, a.size, device=a.device)
     params = sum(p.numel() for p in model.head.parameters())
-    print(f"model {a.model}: head {params:,} parameters; image {a.size}x{a.size}; {a.threads} threads; {a.device}")
-    print("| classes | ours: encoder once + one fusion pass (ms) | peer: encoder + head per class (ms) | peer / ours |")
-    print("|---|---|---|---|")
+    settings = (f"model {a.model} (head {params:,} parameters), image {a.size}x{a.size}, {a.threads} threads, "
+                f"{a.device}, {a.repeats} repeats")
+    print(settings)
+    header = ["classes", "ours: encoder once + one fusion pass (ms)", "peer: encoder + head per class (ms)",
+              "peer / ours"]
+    rows = []
     vocab = [f"class {i}" for i in range(max(int(c) for c in a.classes.split(",")))]
     for n in (int(c) for c in a.classes.split(",")):
         names = vocab[:n]
@@ -61,7 +70,10 @@ def main() -> None:
 
         t_ours = timed(ours, a.repeats)
         t_peer = timed(peer, max(1, a.repeats // 2))
-        print(f"| {n} | {t_ours:.0f} | {t_peer:.0f} | {t_peer / t_ours:.2f}x |")
+        rows.append([n, f"{t_ours:.0f}", f"{t_peer:.0f}", f"{t_peer / t_ours:.2f}x"])
+        print(f"  {n} names: ours {t_ours:.0f} ms, peer {t_peer:.0f} ms", flush=True)
+    print(C.table(header, rows))
+    C.save_results(a.json, "bench_segment", settings, [{"header": header, "rows": rows}])
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2, help="processes reading the store at once (1..16)")
     ap.add_argument("--steps", type=int, default=50, help="batches gathered per rank (1..10000)")
     ap.add_argument("--batch", type=int, default=16, help="images per gathered batch (1..256)")
+    C.add_json_arg(ap, "cache_memory")
     a = ap.parse_args()
     C.setup(a)
     C.in_range(a.images, "--images", 16, 100000)
@@ -144,8 +145,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="fusionseg-cachemem-"))
     t0 = time.perf_counter()
     gb = write_store(_Stub(root, a.images), a.size, root / "cache")
-    print(f"store: {a.images} images at {a.size} px, 2 views, {gb:.2f} GB of shards (written in "
-          f"{time.perf_counter() - t0:.0f} s); {a.ranks} ranks, {a.steps} batches of {a.batch} each")
+    settings = (f"store: {a.images} images at {a.size} px, 2 views, {gb:.2f} GB of shards (written in "
+                f"{time.perf_counter() - t0:.0f} s); {a.ranks} ranks, {a.steps} batches of {a.batch} each")
+    print(settings)
     rows, pss = [], {}
     for mode in ("mapped", "in-memory copy"):
         res = run(mode, root, a)
@@ -154,9 +156,12 @@ def main() -> None:
         rows.append([mode, f"{anon:.0f}", f"{max(r['RssFile'] for r in res):.0f}", f"{max(r['Pss'] for r in res):.0f}",
                      f"{pss[mode]:.0f}", f"{statistics.median(r['gather_ms'] for r in res):.1f}"])
         print(f"  {mode}: done", flush=True)
-    print(C.table(["pool", "anonymous MB per rank", "file-backed MB per rank", "PSS MB per rank",
-                   f"PSS MB, {a.ranks} ranks together", "ms per gathered batch"], rows))
-    print(f"memory of the job (sum of PSS), in-memory copy / mapped: {pss['in-memory copy'] / pss['mapped']:.1f}x")
+    header = ["pool", "anonymous MB per rank", "file-backed MB per rank", "PSS MB per rank",
+              f"PSS MB, {a.ranks} ranks together", "ms per gathered batch"]
+    print(C.table(header, rows))
+    note = f"Memory of the job (sum of PSS), in-memory copy / mapped: {pss['in-memory copy'] / pss['mapped']:.1f}x."
+    print(note)
+    C.save_results(a.json, "cache_memory", settings, [{"header": header, "rows": rows}], [note])
     import shutil
     shutil.rmtree(root, ignore_errors=True)
 

@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--classes", default="cat, toilet, sink", help="comma-separated names (1..100)")
     ap.add_argument("--image", default=str(C.ROOT / "examples" / "cat_toilet.jpg"), help="photo to segment")
     ap.add_argument("--warm-cache", action="store_true", help="children share a text cache filled beforehand")
+    C.add_json_arg(ap, "cold_start")
     a = ap.parse_args()
     C.in_range(a.threads, "--threads", 1, 256)
     C.in_range(a.repeats, "--repeats", 1, 100)
@@ -80,15 +81,19 @@ def main() -> None:
     same = all(r["labels"] == runs["fusionseg"][0]["labels"] for rs in runs.values() for r in rs)
     med = {k: {p: statistics.median(r[p] for r in rs) for p in ("import", "load", "predict", "wall")}
            for k, rs in runs.items()}
-    print(f"default model, {len(names)} names ({a.classes}), {a.threads} threads, {a.repeats} fresh processes per "
-          f"side, text cache {'warm' if a.warm_cache else 'empty'}; medians in seconds")
+    settings = (f"default model, {len(names)} names ({a.classes}), {a.threads} threads, {a.repeats} fresh processes "
+                f"per side, text cache {'warm' if a.warm_cache else 'empty'}; medians in seconds")
+    print(settings)
     rows = [[k, runs[k][0]["encoder"], runs[k][0]["transformers_imported"]] +
             [f"{med[k][p]:.2f}" for p in ("import", "load", "predict", "wall")] for k in runs]
-    print(C.table(["side", "text model", "transformers imported", "import", "load", "first predict",
-                   "whole process"], rows))
+    header = ["side", "text model", "transformers imported", "import s", "load s", "first predict s",
+              "whole process s"]
+    print(C.table(header, rows))
     f, t = med["fusionseg"], med["transformers"]
-    print(f"load: {t['load'] / f['load']:.1f}x faster; whole process: {t['wall'] / f['wall']:.2f}x faster "
-          f"({t['wall'] - f['wall']:.2f} s saved); same labels: {'yes' if same else 'NO'}")
+    note = (f"Load: {t['load'] / f['load']:.1f}x faster; whole process: {t['wall'] / f['wall']:.2f}x faster "
+            f"({t['wall'] - f['wall']:.2f} s saved); same labels: {'yes' if same else 'NO'}.")
+    print(note)
+    C.save_results(a.json, "cold_start", settings, [{"header": header, "rows": rows}], [note])
 
 
 if __name__ == "__main__":

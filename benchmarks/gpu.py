@@ -19,6 +19,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=20, help="number of class names (1..1000)")
     ap.add_argument("--batch", type=int, default=16, help="batch for the images/s figure (1..256)")
     ap.set_defaults(repeats=20)
+    C.add_json_arg(ap, "gpu")
     a = ap.parse_args()
     C.setup(a)
     C.vit_side(a.size, "--size", 64, 2048)
@@ -26,6 +27,8 @@ def main() -> None:
     C.in_range(a.batch, "--batch", 1, 256)
     if not torch.cuda.is_available():
         print("gpu.py: skipped: CUDA is not available on this machine (nothing measured)")
+        C.save_results(a.json, "gpu", settings(a), measured=False,
+                       reason="CUDA is not available on the machine that ran it")
         return
     seg = C.vit_b16_paper_segmenter(Path(tempfile.mkdtemp(prefix="fusionseg-bench-")) / "clip-vit-b16", a.size)
     seg.model.to("cuda")
@@ -53,7 +56,14 @@ def main() -> None:
             dt = (time.perf_counter() - t0) / a.repeats
             rows.append([str(dtype).replace("torch.", ""), b, f"{dt / b * 1000:.2f}", f"{b / dt:.1f}"])
     print(f"{torch.cuda.get_device_name()}; image {a.size}x{a.size}; {a.classes} names; labels at full size")
-    print(C.table(["dtype", "batch", "ms per image", "images/s"], rows))
+    header = ["dtype", "batch", "ms per image", "images/s"]
+    print(C.table(header, rows))
+    C.save_results(a.json, "gpu", f"{torch.cuda.get_device_name()}, {settings(a)}", [{"header": header, "rows": rows}])
+
+
+def settings(a) -> str:
+    return (f"hf: CLIP ViT-B/16 + paper preset, random weights, image {a.size}x{a.size}, {a.classes} names, "
+            f"labels at full size, batch 1 and {a.batch}, {a.repeats} repeats")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--clipseg-chunk", type=int, default=20, help="CLIPSeg prompts per forward (memory)")
     ap.add_argument("--prompt-tokens", type=int, default=8, help="CLIPSeg prompt length in tokens incl. BOS/EOS")
     ap.set_defaults(repeats=3)
+    C.add_json_arg(ap, "infer_vs_clipseg")
     a = ap.parse_args()
     C.setup(a)
     counts = C.int_list(a.classes, "--classes", 1, 200)
@@ -80,13 +81,22 @@ def main() -> None:
         rows.append([n, f"{t['ours'] * 1000:.0f}", f"{t['clipseg'] * 1000:.0f}", f"{t['ours'] / t['clipseg']:.2f}x",
                      f"{t['clipseg'] / t['ours']:.1f}x"])
         print(f"  {n} names: fusionseg {t['ours'] * 1000:.0f} ms, CLIPSeg {t['clipseg'] * 1000:.0f} ms", flush=True)
-    print(C.table(["names", "fusionseg ms", "CLIPSeg ms", "fusionseg / CLIPSeg time", "speed-up"], rows))
+    header = ["names", "fusionseg ms", "CLIPSeg ms", "fusionseg / CLIPSeg time", "speed-up"]
+    print(C.table(header, rows))
     one = next((r for r in rows if r[0] == 1), None)
     twenty = next((r for r in rows if r[0] == 20), None)
+    notes = []
     if one:
-        print(f"target 1 name: fusionseg <= 1.3x CLIPSeg time: {one[3]} -> {'met' if float(one[3][:-1]) <= 1.3 else 'NOT met'}")
+        notes.append(f"Target at 1 name, fusionseg <= 1.3x CLIPSeg's time: {one[3]}, "
+                     f"{'met' if float(one[3][:-1]) <= 1.3 else 'NOT met'}.")
     if twenty:
-        print(f"target 20 names: >= 10x faster: {twenty[4]} -> {'met' if float(twenty[4][:-1]) >= 10 else 'NOT met'}")
+        notes.append(f"Target at 20 names, >= 10x faster: {twenty[4]}, "
+                     f"{'met' if float(twenty[4][:-1]) >= 10 else 'NOT met'}.")
+    print("\n".join(notes))
+    C.save_results(a.json, "infer_vs_clipseg",
+                   f"one {a.size}x{a.size} image, fusionseg (hf: CLIP ViT-B/16 + paper preset, cached text) vs CLIPSeg "
+                   f"(rd64-refined architecture, image repeated per prompt), random weights, {a.threads} threads, "
+                   f"{a.repeats} repeats", [{"header": header, "rows": rows}], notes)
 
 
 if __name__ == "__main__":

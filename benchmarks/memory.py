@@ -33,7 +33,7 @@ def peak_mb(img: Path, out: Path, extra: list[str], threads: int) -> tuple[float
     import os
     env = dict(os.environ, PYTHONPATH=env_path + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", WRAP, "segment", str(img), "--classes", CLASSES, "--out", str(out),
-                        "--threads", str(threads), *extra], capture_output=True, text=True, env=env)
+                        "--threads", str(threads), "--overwrite", *extra], capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"segment failed on {img.name}: {r.stderr.strip().splitlines()[-1:]}")
     kb = int(next(l for l in r.stdout.splitlines() if l.startswith("PEAK_KB")).split()[1])
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--agree-tiles", default="512,640,768", help="windows for the agreement check (64..4096)")
     ap.add_argument("--agree-images", type=int, default=10, help="shared photos in the agreement check (1..500)")
     ap.set_defaults(repeats=1)
+    C.add_json_arg(ap, "memory")
     a = ap.parse_args()
     C.setup(a)
     sizes = C.sizes(a.sizes, "--sizes", 64, 20000)
@@ -70,7 +71,8 @@ def main() -> None:
             rows.append([f"{w}x{h}", mode, f"{mb:.0f}", f"{lab_size[0]}x{lab_size[1]}", "met" if ok else "NOT met"])
             print(f"  {w}x{h} {mode}: peak {mb:.0f} MB", flush=True)
         img.unlink()
-    print(C.table(["image", "run", "peak RSS MB", "label PNG", "< 2 GB, full-size labels"], rows))
+    header = ["image", "run", "peak RSS MB", "label PNG", "< 2 GB, full-size labels"]
+    print(C.table(header, rows))
 
     from fusionseg.segmenter import DEFAULT_TILE, Segmenter
     names = [n.strip() for n in CLASSES.split(",")]
@@ -82,13 +84,20 @@ def main() -> None:
         same = sum(int((r == tiled.predict(p, names).labels).sum()) for r, p in zip(ref, photos))
         agreement[t] = same / sum(r.size for r in ref)
         arows.append([t, f"{agreement[t]:.2%}", "(default)" if t == DEFAULT_TILE else ""])
-    print(f"tiled vs untiled label maps at working size {a.agree_size}, {len(ref)} photos, {len(names)} names:")
-    print(C.table(["window px", "pixel agreement", ""], arows))
+    atitle = f"Tiled vs untiled label maps at working size {a.agree_size}, {len(ref)} photos, {len(names)} names:"
+    aheader = ["window px", "pixel agreement", ""]
+    print(atitle)
+    print(C.table(aheader, arows))
+    notes = []
     if DEFAULT_TILE in agreement:
         ok = agreement[DEFAULT_TILE] >= 0.99
-        print(f"target >= 99% at the default window ({DEFAULT_TILE} px): {'met' if ok else 'NOT met'}")
+        notes.append(f"Target >= 99% at the default window ({DEFAULT_TILE} px): {'met' if ok else 'NOT met'}.")
+        print(notes[-1])
     agree = {str(k): round(v, 5) for k, v in agreement.items()}
     print(json.dumps({"peak_mb": {f"{r[0]} {r[1]}": float(r[2]) for r in rows}, "agreement": agree}))
+    C.save_results(a.json, "memory", f"peak resident memory of `fusionseg segment` (label PNG + overlay + JSON) in a "
+                   f"fresh process, default model, {a.threads} threads, sizes {a.sizes}",
+                   [{"header": header, "rows": rows}, {"title": atitle, "header": aheader, "rows": arows}], notes)
 
 
 if __name__ == "__main__":

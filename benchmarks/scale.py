@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, fail, shared_data  # noqa: E402
+from _common import ROOT, fail, shared_data, write_between  # noqa: E402
 
 BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 NAMES20 = ["grass", "cow", "sky", "building", "tree", "car", "road", "person", "bicycle", "dog", "horse",
@@ -132,15 +132,6 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_between(path: Path, text: str) -> None:
-    doc = path.read_text(encoding="utf-8")
-    if BEGIN not in doc or END not in doc:
-        fail(f"{path} has no {BEGIN} ... {END} markers")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}", encoding="utf-8")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=200)
@@ -191,7 +182,7 @@ def main() -> None:
             fail(f"no results at {out}: run the benchmark first")
         res = json.loads(out.read_text())
     if a.render:
-        write_between(Path(a.render), render(res))
+        write_between(Path(a.render), render(res), BEGIN, END)
         print(f"rendered into {a.render}")
 
 

@@ -26,6 +26,9 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -154,6 +157,7 @@ def main() -> int:
     ap.add_argument("--classes", default="cat, toilet, sink")
     ap.add_argument("--timeout", type=float, default=120.0, help="per-request client timeout, s")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop sending after this long")
+    C.add_json_arg(ap, "serve_load")
     a = ap.parse_args()
     if not (1 <= a.requests <= 100_000 and 1 <= a.clients <= 256 and 1 <= a.rounds <= 20):
         raise SystemExit("--requests 1..100000, --clients 1..256, --rounds 1..20")
@@ -197,7 +201,7 @@ def main() -> int:
               f"machine: {os.cpu_count()} CPUs")
         deadline = time.time() + a.max_seconds
         all_status: Counter = Counter()
-        mems = []
+        mems, rows, notes = [], [], []
         for r in range(1, a.rounds + 1):
             lat, status, wall = run_round(url, body, ctype, a.requests, a.clients, a.timeout, deadline)
             all_status.update(status)
@@ -207,14 +211,26 @@ def main() -> int:
                   f"({status.get(200, 0) / wall:.2f} ok/s); latency of 200s: p50 {pct(lat, 50):.2f} s, "
                   f"p95 {pct(lat, 95):.2f} s, max {max(lat) if lat else float('nan'):.2f} s; "
                   f"status {dict(sorted(status.items(), key=str))}")
+            rows.append([r, done, f"{wall:.1f}", f"{done / wall:.2f}", f"{status.get(200, 0) / wall:.2f}",
+                         f"{pct(lat, 50):.2f}", f"{pct(lat, 95):.2f}", f"{max(lat) if lat else float('nan'):.2f}",
+                         ", ".join(f"{k}: {v}" for k, v in sorted(status.items(), key=str)),
+                         f"{mems[-1][0]:.1f}" if mems[-1] else "unknown"])
         bad = {k: v for k, v in all_status.items() if k not in (200, 503)}
-        print(f"errors other than 503: {sum(bad.values())} {bad if bad else ''}".rstrip())
+        notes.append(f"Errors other than 503: {sum(bad.values())} {bad if bad else ''}".rstrip() + ".")
+        print(notes[-1])
         if mem_loaded:
             after = ", ".join(f"after round {i} {m[0]:.1f}" for i, m in enumerate(mems, 1) if m)
-            print(f"server RSS (MiB): model loaded {mem_loaded[0]:.1f}, after warm-up {mem_warm[0]:.1f}, {after}; "
-                  f"peak {mems[-1][1]:.1f}; growth over the run {mems[-1][0] - mem_warm[0]:+.1f}")
+            notes.append(f"Server RSS (MiB): model loaded {mem_loaded[0]:.1f}, after warm-up {mem_warm[0]:.1f}, "
+                         f"{after}; peak {mems[-1][1]:.1f}; growth over the run {mems[-1][0] - mem_warm[0]:+.1f}.")
         else:
-            print("server RSS: unknown (pass --pid with --url to read /proc/PID/status)")
+            notes.append("Server RSS: unknown (pass --pid with --url to read /proc/PID/status).")
+        print(notes[-1])
+        header = ["round", "requests", "wall s", "req/s", "ok/s", "p50 s", "p95 s", "max s", "status",
+                  "server RSS MiB after"]
+        C.save_results(a.json, "serve_load",
+                       f"server {how}; {Path(a.image).name} ({one['width']}x{one['height']}), classes {a.classes!r}; "
+                       f"{a.requests} requests from {a.clients} concurrent clients per round, {a.rounds} rounds",
+                       [{"header": header, "rows": rows}], notes)
         h = json.loads(c.request("GET", "/healthz")[1])
         print(f"healthz after: {h}")
         return 1 if bad else 0

@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=50, help="number of images (1..10000)")
     ap.add_argument("--classes", type=int, default=20, help="number of class names (1..1000)")
     ap.add_argument("--size", type=int, default=320, help="image side in px (32..2048)")
+    C.add_json_arg(ap, "text_cache")
     a = ap.parse_args()
     C.setup(a)
     C.in_range(a.images, "--images", 1, 10000)
@@ -47,11 +48,15 @@ def main() -> None:
         t0 = time.perf_counter()
         seg.predict(im, names)
         t_without += time.perf_counter() - t0
-    print(f"{a.images} images {a.size}x{a.size * 3 // 4}, {a.classes} names, {a.threads} threads")
-    print(C.table(["text embeddings", "total s", "ms per image", "text encoder calls (names encoded)"], [
-        ["LRU cache", f"{t_with:.2f}", f"{t_with / a.images * 1000:.0f}", f"{cached.misses}"],
-        ["recomputed per image", f"{t_without:.2f}", f"{t_without / a.images * 1000:.0f}", f"{a.images * a.classes}"]]))
-    print(f"speed-up with the cache: {t_without / t_with:.2f}x")
+    settings = f"default model, {a.images} random images {a.size}x{a.size * 3 // 4}, {a.classes} names, {a.threads} threads"
+    header = ["text embeddings", "total s", "ms per image", "text encoder calls (names encoded)"]
+    rows = [["LRU cache", f"{t_with:.2f}", f"{t_with / a.images * 1000:.0f}", f"{cached.misses}"],
+            ["recomputed per image", f"{t_without:.2f}", f"{t_without / a.images * 1000:.0f}", f"{a.images * a.classes}"]]
+    note = f"Speed-up with the cache: {t_without / t_with:.2f}x."
+    print(settings)
+    print(C.table(header, rows))
+    print(note)
+    C.save_results(a.json, "text_cache", settings, [{"header": header, "rows": rows}], [note])
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.set_defaults(repeats=1)
+    C.add_json_arg(ap, "throughput")
     a = ap.parse_args()
     C.setup(a)
     C.in_range(a.images, "--images", 1, 10000)
@@ -90,12 +91,20 @@ def main() -> None:
 
     t = C.interleaved({"naive": run_naive, "cli": run_cli}, a.repeats, warmup=0)
     n_out = len(list((tmp / "cli").glob("*_overlay.png")))
-    print(f"{len(files)} images from {data}; {len(names)} names; {a.threads} threads; batch {a.batch_size}, "
-          f"{a.workers} workers; repeats {a.repeats}; outputs per side: {n_out} x (label PNG, overlay, JSON)")
-    print(C.table(["pipeline", "wall s (incl. model load)", "images/s"], [
-        ["naive one-at-a-time loop", f"{t['naive']:.1f}", f"{len(files) / t['naive']:.2f}"],
-        ["fusionseg segment", f"{t['cli']:.1f}", f"{len(files) / t['cli']:.2f}"]]))
-    print(f"ratio (fusionseg segment / naive images/s): {t['naive'] / t['cli']:.2f}x")
+    try:
+        shown = data.relative_to(C.shared_data())
+    except ValueError:
+        shown = data.name
+    settings = (f"{len(files)} images from {shown}; {len(names)} names; {a.threads} threads; batch {a.batch_size}, "
+                f"{a.workers} workers; repeats {a.repeats}; outputs per side: {n_out} x (label PNG, overlay, JSON)")
+    print(settings)
+    header = ["pipeline", "wall s (incl. model load)", "images/s"]
+    rows = [["naive one-at-a-time loop", f"{t['naive']:.1f}", f"{len(files) / t['naive']:.2f}"],
+            ["fusionseg segment", f"{t['cli']:.1f}", f"{len(files) / t['cli']:.2f}"]]
+    print(C.table(header, rows))
+    note = f"Ratio (fusionseg segment / naive images/s): {t['naive'] / t['cli']:.2f}x."
+    print(note)
+    C.save_results(a.json, "throughput", settings, [{"header": header, "rows": rows}], [note])
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
 from fusionseg.data.datasets import FolderDataset  # noqa: E402
 from fusionseg.data.features import cache_features  # noqa: E402
@@ -193,14 +195,19 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--paper-templates", default="paper",
                    help="templates for the paper setup's peer text pass (default: the recipe's 32; 'none' = 1)")
+    C.add_json_arg(p, "train_speed")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from fusionseg.runtime import tune_malloc
     tune_malloc()  # as `fusionseg train` does; process-wide, so both sides get it
     print(f"torch {torch.__version__}, {a.threads} threads, {a.steps} timed steps per side (medians), A/B interleaved")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for setup in a.setups.split(","):
             r = bench(setup.strip(), a.steps, a.threads, Path(tmp), a.paper_templates)
+            rows.append([r["setup"], r["batch"], f"{r['images']} images x {len(r['scales'])} scales x 2 views",
+                         f"{r['cached_s'] * 1000:.0f}", f"{r['peer_s'] * 1000:.0f}", f"{r['ratio']:.1f}x",
+                         f"{r['ratio_image_only']:.1f}x", f"{r['cache_build_s']:.1f}", f"{r['first_epoch_ratio']:.1f}x"])
             print(f"\n[{r['setup']}] batch {r['batch']}, scales {r['scales']}, {r['images']} images, templates "
                   f"{r['templates']!r}")
             print(f"  cached step        {r['cached_s'] * 1000:9.1f} ms   ({1 / r['cached_s']:.2f} steps/s)")
@@ -211,6 +218,10 @@ def main(argv=None) -> int:
                   f"(image encoder only every step: {r['ratio_image_only']:.1f}x)")
             print(f"  cache build once: {r['cache_build_s']:.1f} s ({r['cache_build_per_image_s']:.2f} s/image for "
                   f"{len(r['scales'])} scales x 2 views); first epoch incl. the build: {r['first_epoch_ratio']:.1f}x")
+    header = ["setup", "batch", "cache", "cached step ms", "encoders every step ms", "steps/s ratio",
+              "ratio, image encoder only", "cache build s (once)", "first epoch incl. build"]
+    C.save_results(a.json, "train_speed", f"{a.threads} threads, {a.steps} timed steps per side (medians), A/B "
+                   f"interleaved, setups {a.setups}", [{"header": header, "rows": rows}])
     return 0
 
 

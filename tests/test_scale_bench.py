@@ -28,7 +28,7 @@ def test_render_between_markers(tmp_path):
     doc = tmp_path / "README.md"
     doc.write_text(f"intro\n{mod.BEGIN}\nold table\n{mod.END}\noutro\n")
     (tmp_path / "scale.json").write_text(json.dumps(RES))
-    mod.write_between(doc, mod.render(RES))
+    mod.write_between(doc, mod.render(RES), mod.BEGIN, mod.END)
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{mod.END}\noutro\n") and "old table" not in text
     assert "| --engine ray, 2 actors | 40.0 | 5.0 | 0.5x |" in text

@@ -275,11 +275,15 @@ def test_benchmark_bad_arguments_exit_2(script, args, msg):
     assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_gpu_benchmark_skips_without_cuda():
+def test_gpu_benchmark_skips_without_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the GPU benchmark would run for real")
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py")], capture_output=True, text=True, timeout=120)
+    out = tmp_path / "gpu.json"  # not docs/bench/gpu.json: a test leaves the checkout as it was
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--json", str(out)], capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0 and "skipped" in r.stdout and "CUDA is not available" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["measured"] is False and "CUDA is not available" in res["reason"] and res["tables"] == []
 
 
 def test_foreground_above_the_working_size_matches_the_dense_mask():
