@@ -145,13 +145,22 @@ def test_fusion_plus_bridge_routes_known_and_unknown_names(demo):
     assert Segmenter.from_pretrained("default", device="cpu", mode="auto").mode == "fusion+bridge"
     enc = fusion.encode(img)
     lg = both.logits_from(enc, names)
-    assert torch.allclose(lg[:2], fusion.logits_from(enc, names[:2]), atol=1e-5)
+    # known names: the model and the bridge mixed by the training images that showed each (model/scoring.py)
+    from fusionseg.model.scoring import SUPPORT_PRIOR
+    vocab = both.scorer.vocabulary
+    n = both.scorer.support_counts[[vocab.index("cat"), vocab.index("toilet")]]
+    w = (n / (n + SUPPORT_PRIOR)).view(-1, 1, 1)
+    assert (n > 0).all()
+    want_known = w * fusion.logits_from(enc, names[:2]) + (1 - w) * bridge.logits_from(enc, names[:2])
+    assert torch.allclose(lg[:2], want_known, atol=1e-4)
     # the unknown name: the bridge, sharpened by the model's own map of it where the bridge already sees it
     from fusionseg.model.bridge import refine_with_model
     from fusionseg.segmenter import _frac, upsample_crop
     t, tk = both.text_embeddings(names[2:]), both.text_embeddings(names[:2])
     with torch.inference_mode():  # where the model sees cat or toilet, wombat gets no boost
-        claimed = fusion.low_logits(enc.visual, names[:2], tk).sigmoid().amax(1)
+        wl = w[None].to(torch.float32)
+        known_low = wl * fusion.low_logits(enc.visual, names[:2], tk) + (1 - wl) * bridge.low_logits(enc.visual, names[:2], tk)
+        claimed = known_low.sigmoid().amax(1)
         low = refine_with_model(bridge.low_logits(enc.visual, names[2:], t), fusion.low_logits(enc.visual, names[2:], t),
                                 [_frac(enc.valid, enc.padded)], claimed=claimed)
     want = upsample_crop(low, enc.padded, enc.valid)[0]
@@ -235,12 +244,19 @@ def test_bridge_reads_the_classifier_at_its_own_size(demo):
     e = large.encode(img)
     assert max(e.bridge_visual[-1].shape[-2:]) * 32 == BRIDGE_SIZE  # the head map of the 320-px canvas
     assert Segmenter.from_pretrained("default", device="cpu", mode="fusion", size=640).encode(img).bridge_visual is None
-    # auto mode: the extra pass waits until a name needs the bridge; names the model knows never pay for it
+    # auto mode without per-name training counts (the switch): the extra pass waits until a name needs the
+    # bridge; names the model knows never pay for it
     auto = Segmenter.from_pretrained("default", device="cpu", size=2 * BRIDGE_SIZE)
+    auto.scorer.support_counts = None
     e = auto.encode(img)
     auto.logits_from(e, ["cat", "dog"])
     assert e._bridge_visual is None and e.bridge_fn is not None
     auto.logits_from(e, ["cat", "wombat"])
+    assert e.bridge_fn is None and max(e._bridge_visual[-1].shape[-2:]) * 32 == BRIDGE_SIZE
+    # with the counts (the shipped default), known names are mixed with the bridge, so they read it too
+    auto = Segmenter.from_pretrained("default", device="cpu", size=2 * BRIDGE_SIZE)
+    e = auto.encode(img)
+    auto.logits_from(e, ["cat", "dog"])
     assert e.bridge_fn is None and max(e._bridge_visual[-1].shape[-2:]) * 32 == BRIDGE_SIZE
     ious = []
     for seg in (small, large):

@@ -46,7 +46,11 @@ def test_the_combination_is_one_replaceable_function(seg):
     bridge mode's logits; the default switch gives the model's for known names, unchanged by unknown ones."""
     names = ["cat", "toilet", "bathtub mat"]
     enc = seg.encode(IMG)
-    default = seg.logits_from(enc, names)
+    counts, seg.scorer.support_counts = seg.scorer.support_counts, None  # the switch, for the known-only check
+    try:
+        default = seg.logits_from(enc, names)
+    finally:
+        seg.scorer.support_counts = counts
     bridge = Segmenter.from_pretrained("default", device="cpu", mode="bridge")
     want = bridge.logits_from(bridge.encode(IMG), names)
     seen = []
@@ -55,8 +59,8 @@ def test_the_combination_is_one_replaceable_function(seg):
         seen.append((s.n, s.known()))
         return s.bridge()
 
-    # the default combination; the shipped checkpoint records no per-name image counts, so it is the switch
-    assert seg.scorer.combine is support_weighted and seg.scorer.support_counts is None
+    # the default combination, and the shipped checkpoint records its per-name training images
+    assert seg.scorer.combine is support_weighted and seg.scorer.support_counts is not None
     seg.scorer.combine = all_bridge
     try:
         got = seg.logits_from(seg.encode(IMG), names)
@@ -92,6 +96,7 @@ def test_support_weighted_mixes_model_and_bridge_by_training_images(seg):
     from fusionseg.model.scoring import SUPPORT_PRIOR
     names = ["cat", "toilet", "bathtub mat"]
     enc = seg.encode(IMG)
+    shipped, seg.scorer.support_counts = seg.scorer.support_counts, None
     switch = seg.logits_from(enc, names)
     vocab = seg.scorer.vocabulary
     counts = torch.zeros(len(vocab))
@@ -105,8 +110,11 @@ def test_support_weighted_mixes_model_and_bridge_by_training_images(seg):
         got = seg.logits_from(seg.encode(IMG), names)
     finally:
         seg.scorer.support_counts = None
+    try:
+        assert torch.allclose(seg.logits_from(seg.encode(IMG), names), switch)  # counts gone: the switch again
+    finally:
+        seg.scorer.support_counts = shipped
     w = 30.0 / (30.0 + SUPPORT_PRIOR)
     assert torch.allclose(got[0], w * f[0] + (1 - w) * b[0], atol=1e-4)
     assert torch.allclose(got[1], b[1], atol=1e-4)  # never seen in training images: the bridge's map
     assert not torch.allclose(got[0], switch[0], atol=1e-2)
-    assert torch.allclose(seg.logits_from(seg.encode(IMG), names), switch)  # counts gone: the switch again
