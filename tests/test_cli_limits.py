@@ -234,6 +234,13 @@ BAD = [  # (argv with {img}/{ds}/{out} placeholders, words the one line must hol
     ("serve --device tpu", "--device"),
     ("serve --size 2", "--size"),
     ("serve --host 999.1.1.1 --port 0", "--host"),
+    ("pseudo-label --data {ds} --out {out} --min-peak 2", "--min-peak"),
+    ("pseudo-label --data {ds} --out {out} --min-confidence -1", "--min-confidence"),
+    ("pseudo-label --data {ds} --out {out} --max-images 0", "--max-images"),
+    ("pseudo-label --data {ds} --out {out} --device tpu", "--device"),
+    ("pseudo-label --data {ds} --out {out} --threads -1", "--threads"),
+    ("pseudo-label --data {missing} --out {out}", "missing"),
+    ("export --out {out} --format tflite", "--format"),
     ("info --model {missing}", "missing"),
     ("nosuchcommand", "invalid choice"),
 ]

@@ -571,6 +571,8 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
         raise CLIError(f"--max-images must be at least 1, got {a.max_images}")
     if a.examples < 0:
         raise CLIError(f"--examples must be 0 or more, got {a.examples}")
+    _check_number(a, "threads", 0, 1024)
+    _check_device(a.device)
     for d in a.data:
         if not Path(d).is_dir():
             raise CLIError(f"no such folder: {d}")
