@@ -114,3 +114,17 @@ def write_failure_reason(e: BaseException) -> str:
     if isinstance(e, NotADirectoryError):
         return "a parent of it is a file, not a folder"
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """Create ``folder`` if needed and probe it with an empty file: None when it can be written, else why not
+    (the caller turns that into its own one-line error)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".fusionseg-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"{e.strerror or e}"
+    return None

@@ -87,13 +87,10 @@ def _image_paths(items: Sequence[str]) -> list[Path]:
 
 
 def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".fusionseg-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CLIError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
+    from ._atomic import unwritable_reason
+    why = unwritable_reason(folder)
+    if why:
+        raise CLIError(f"cannot write to output folder {folder}: {why}")
 
 
 #: The overlay picture is drawn at most this many px on its longer side (the label PNG stays full size).

@@ -304,13 +304,10 @@ def run(items: Sequence[str], out: str | os.PathLike, predictor_kwargs: dict, ad
 
 
 def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".fusionseg-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise EngineError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
+    from .._atomic import unwritable_reason
+    why = unwritable_reason(folder)
+    if why:
+        raise EngineError(f"cannot write to output folder {folder}: {why}")
 
 
 def _cpus_per_actor(ray, actors: int, gpus: float) -> int:
