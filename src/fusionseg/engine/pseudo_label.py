@@ -27,8 +27,9 @@ import csv
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,13 +50,18 @@ class PseudoLabelError(ValueError):
 
 @dataclass
 class Source:
-    """One input image: ``path``; ``gt``: ground-truth mask mapped to vocabulary ids (0 none-of-its-classes,
-    g+1 = vocabulary[g], 255 ignore) or None; ``known``: the teacher class index of an image-level label."""
+    """One input image: ``path``; ``gt``: reads its ground-truth mask mapped to vocabulary ids (0 none of its
+    classes, g+1 = vocabulary[g], -1 ignore), or None; ``known``: the teacher class of an image-level label.
+    Masks are read when the image is labelled, not all at once."""
 
     id: str
     path: Path
-    gt: np.ndarray | None = None
+    gt: Callable[[], np.ndarray] | None = None
     known: int | None = None
+
+
+def _mapped_mask(ds, id: str, lut: np.ndarray) -> np.ndarray:
+    return lut[ds.load_mask(id)]
 
 
 def read_labels_csv(path: Path, n_classes: int) -> dict[str, int]:
@@ -126,7 +132,7 @@ def collect_sources(data: Sequence[str], vocab_index: dict[str, int], n_teacher:
                 lut[k] = vocab_index[key] + 1
             for id in ds.ids:
                 if id not in skip:
-                    sources.append(Source(id, ds._images[id], lut[ds.load_mask(id)]))
+                    sources.append(Source(id, ds._images[id], partial(_mapped_mask, ds, id, lut)))
             continue
         images_dir = root / "images" if (root / "images").is_dir() else root
         files = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -247,7 +253,7 @@ def pseudo_label(data: Sequence[str], out: str | Path, teacher, min_peak: float 
         inside = (lab >= lo) & (lab < hi)
         mask[inside] = (lab[inside] - lo + 1).astype(np.uint8)
         if s.gt is not None:  # the ground truth wins where it names a class; its "none" pixels keep a sure teacher
-            g = s.gt
+            g = s.gt()
             cls = g > 0
             mask[cls] = (per_part + (g[cls] - 1 - len(names)) + 1).astype(np.uint8)
             mask[g < 0] = IGNORE
