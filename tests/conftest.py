@@ -117,3 +117,28 @@ def shared_data(sub: str = "") -> Path:
     if not p.exists():
         pytest.skip(f"shared data not present at {p}")
     return p
+
+
+def make_tiny_clip(folder: Path) -> Path:
+    """A random CLIP (text/vision width 32, 4 heads, 2 layers, image 32, patch 8, projection 24, seed 0) with a
+    character BPE, saved in ``folder`` (offline: transformers builds it from a config)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz.,'-")
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    bos, eos = len(vocab), len(vocab) + 1
+    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=40, bos_token_id=bos, eos_token_id=eos,
+                         pad_token_id=eos),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=24)
+    CLIPModel(cfg).save_pretrained(folder)
+    return folder

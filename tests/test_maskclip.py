@@ -2,7 +2,6 @@
 last layer, that layer's value path, post-norm, projection, the prompt ensemble, softmax at temperature 0.01."""
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download in tests
@@ -28,23 +27,8 @@ WIDTH, HEADS, PATCH, PROJ = 32, 4, 8, 24
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory) -> Path:
     """A random CLIP (width 32, 2 layers, image 32, patch 8, projection 24) with a character-level tokenizer."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    folder = tmp_path_factory.mktemp("clip")
-    chars = list("abcdefghijklmnopqrstuvwxyz.,'-")
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    small = dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=40, bos_token_id=bos,
-                                      eos_token_id=eos, pad_token_id=eos, **small),
-                     vision_config=dict(image_size=32, patch_size=PATCH, **small), projection_dim=PROJ)
-    CLIPModel(cfg).save_pretrained(folder)
-    return folder
+    from conftest import make_tiny_clip
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import make_tiny_clip
 from fusionseg.encoders import hf_text
 from fusionseg.encoders.base import EncoderError, build_text_encoder
 from fusionseg.encoders.templates import DEFAULT_TEMPLATES, PAPER_TEMPLATES, resolve_templates
@@ -149,30 +150,6 @@ def _tiny_bert(folder: Path, pooling: str | None = None) -> Path:
     return folder
 
 
-def _tiny_clip(folder: Path) -> Path:
-    """A random CLIP (text/vision width 32, 2 layers, image 32, patch 8, projection 24) with a character BPE."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list("abcdefghijklmnopqrstuvwxyz.,'-")
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=40, bos_token_id=bos, eos_token_id=eos,
-                         pad_token_id=eos),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=24)
-    CLIPModel(cfg).save_pretrained(folder)
-    return folder
-
-
 def _check_text(enc, dim: int):
     e = enc.encode(["cat", "dog_house", "kitten"])
     assert e.shape == (3, dim) and enc.dim == dim and e.dtype == torch.float32
@@ -184,7 +161,7 @@ def _check_text(enc, dim: int):
 
 
 def test_hf_clip_text_tower(tmp_path):
-    folder = _tiny_clip(tmp_path / "clip")
+    folder = make_tiny_clip(tmp_path / "clip")
     enc = build_text_encoder(f"hf:{folder}")
     assert enc.pooling == "clip"
     _check_text(enc, 24)
