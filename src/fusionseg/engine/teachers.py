@@ -15,21 +15,19 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..data.transforms import pad_to, resize_image, round_up, to_tensor
 from ..encoders.base import EncoderError
 
 #: Longer side (px) at which the classifier bridge reads images (the size its constants were chosen at).
 TEACHER_SIZE = 320
 
 
-def _prepare(image, size: int, mean, std, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    img = resize_image(image, size)
-    x = to_tensor(img)[None]
-    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    h, w = x.shape[-2:]
-    return pad_to(x, round_up(h, multiple), round_up(w, multiple)), (h, w)
+def _prepare(image, size: int, enc) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The Segmenter's own preparation (:class:`~fusionseg.segmenter.Preparer`) at ``size`` for encoder ``enc``:
+    normalised, padded ``(1, 3, H, W)`` and the (h, w) of the image inside it."""
+    from ..segmenter import Preparer
+    p = Preparer(size, tuple(enc.mean), tuple(enc.std), int(getattr(enc, "size_multiple", 32)))(image)
+    return p.x, p.valid
 
 
 def _crop(maps: torch.Tensor, valid: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
@@ -61,7 +59,7 @@ class BridgeTeacher:
     @torch.inference_mode()
     def probabilities(self, image) -> torch.Tensor:
         enc = self.encoder
-        x, valid = _prepare(image, self.size, enc.mean, enc.std, int(getattr(enc, "size_multiple", 32)))
+        x, valid = _prepare(image, self.size, enc)
         maps = enc(x)
         p = enc.classify_maps(list(maps)).float().softmax(1)[0]
         return _crop(p, valid, tuple(x.shape[-2:]))
@@ -115,7 +113,7 @@ class MaskCLIPTeacher:
     @torch.inference_mode()
     def probabilities(self, image) -> torch.Tensor:
         enc = self.encoder
-        x, valid = _prepare(image, self.size, enc.mean, enc.std, int(getattr(enc, "size_multiple", 32)))
+        x, valid = _prepare(image, self.size, enc)
         p = self.bridge.dense_probabilities(x, self.queries)[0]
         return _crop(p, valid, tuple(x.shape[-2:]))
 
