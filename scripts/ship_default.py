@@ -21,6 +21,8 @@ from fusionseg.engine.evaluate import evaluate_present, evaluate_semantic
 from fusionseg.model.checkpoint import DEFAULT_WEIGHTS, load_model, save_checkpoint
 from fusionseg.runtime import tune_malloc
 from fusionseg.segmenter import Segmenter
+from fusionseg.choices import DECISIONS
+from fusionseg.tiling import PRESENCE_CAP, PRESENCE_PER_NAME, RELATIVE_FRACTION
 
 
 def _pseudo(root: Path) -> bool:
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--trained-on", default=None, help="where it was trained, for the card (default: as recorded)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="the shipped \"none of these\" threshold (default: the checkpoint's)")
+    ap.add_argument("--decision", default=None, choices=list(DECISIONS),
+                    help="the shipped \"none of these\" decision (default: the checkpoint's, else threshold)")
     a = ap.parse_args()
     tune_malloc()
     if a.run == "default":
@@ -77,6 +81,8 @@ def main() -> None:
         splits = json.loads((run / "splits.json").read_text())
     if a.threshold is not None:
         meta["threshold"] = a.threshold
+    if a.decision is not None:
+        meta["decision"] = a.decision
     if not meta["training"].get("name_images"):
         meta["training"]["name_images"] = count_names(meta, splits)
     seg = Segmenter(model, meta, "cpu")
@@ -120,9 +126,10 @@ def main() -> None:
     teacher_names = [n for n in tr["vocabulary"] if n not in set(gt_names)]
     teachers = sorted({json.dumps(json.loads((r / "dataset.json").read_text()).get("teacher", {}))
                        for r in teacher_sets})
+    decided = "relative" if seg.decision == "relative" else f"threshold {seg.threshold}"
     rows = "\n".join(f"| {n} | {r['images']} | {present[n]['miou']:.3f} | {len(present[n]['low_iou_classes'])} of "
                      f"{present[n]['classes_evaluated']} | {r['miou']:.3f} | {r['pixel_accuracy']:.3f} | "
-                     f"{'arg-max (every pixel is a class)' if r['argmax'] else f'threshold {seg.threshold}'} |"
+                     f"{'arg-max (every pixel is a class)' if r['argmax'] else decided} |"
                      for n, r in results.items())
     per = "\n".join(f"- **{n}**: " + ", ".join(f"{c} {v:.2f}" if v is not None else f"{c} n/a"
                                                  for c, v in present[n]["per_class"].items()) for n in present)
@@ -133,6 +140,16 @@ def main() -> None:
     t = meta.get("templates", "default")
     templates = f"{len(t)}" if isinstance(t, list) else str(t)
     command = "python scripts/ship_default.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    if seg.decision == "relative":
+        none_rule = (f"\"None of these\" is decided *relatively* (`--decision relative`): each name's score map is divided "
+                     f"by its own peak in the image, a name counts as present when that peak reaches {PRESENCE_PER_NAME} "
+                     f"per name asked (capped at {PRESENCE_CAP}), and a pixel takes the present name with the highest "
+                     f"relative score when it reaches {RELATIVE_FRACTION} of that name's peak. Give `--threshold T` for the "
+                     f"absolute decision (a pixel takes the best name when its sigmoid score reaches T; the model's T "
+                     f"is {meta.get('threshold', 0.5)}).")
+    else:
+        none_rule = (f"A pixel takes the best name when its sigmoid score reaches the threshold "
+                     f"({meta.get('threshold', 0.5)}), else \"none of these\".")
     card = f"""# fusionseg default model
 
 `default.safetensors` ({size_mb:.1f} MB, fp16): the trainable part of a Fusioner (fusion transformer, decoder,
@@ -157,8 +174,8 @@ embedding is within cosine 0.85 of a name it was trained on. A known name's logi
 semantic bridge's (the image encoder's ImageNet classifier and the names of its 1,000 classes) mixed with weight
 n / (n + 10) on the model, n the training images that showed that name (recorded below as
 `training.name_images`): names seen in hundreds of photos keep the model's sharp maps, names seen in a handful
-lean on the bridge. Any other name goes to the bridge, sharpened by this model's own map of it. A pixel takes
-the best name when its sigmoid score reaches the threshold ({meta.get('threshold', 0.5)}), else "none of these".
+lean on the bridge. Any other name goes to the bridge, sharpened by this model's own map of it.
+{none_rule}
 `--mode fusion` gives the trained head alone, `--mode bridge` the training-free bridge alone.
 
 ## Validation (held-out images)

@@ -63,7 +63,7 @@ class BatchPredictor:
     def __init__(self, classes: Sequence[str] | str, model: str = "default", device: str | None = None,
                  size: int | None = None, threshold: float | None = None, mode: str = "auto",
                  runtime: str = "torch", output: str = "labels", background: bool = False, threads: int = 0,
-                 tile: int | None = None):
+                 tile: int | None = None, decision: str | None = None):
         import torch
         from .segmenter import Segmenter, parse_class_names
         if output not in OUTPUTS:
@@ -73,9 +73,10 @@ class BatchPredictor:
         self.classes = parse_class_names(classes)
         self.output = output
         self.background = background
-        kw = dict(device=device, size=size, threshold=threshold, tile=tile, mode=mode)
+        kw = dict(device=device, size=size, threshold=threshold, tile=tile, mode=mode, decision=decision)
         self.segmenter = Segmenter.from_pretrained(model, runtime=runtime, **kw)
         self.threshold = self.segmenter.threshold
+        self.decision = self.segmenter.decision
         self.segmenter.text_embeddings(self.classes)  # embedded once, here; every call reuses them
         self._prepare = self.segmenter.preparer()
 
@@ -107,7 +108,7 @@ class BatchPredictor:
         preds: list = [None] * n
         if good:
             for i, p in zip(good, self.segmenter.predict_batch([preps[i] for i in good], self.classes,
-                                                               self.threshold, self.background)):
+                                                               None, self.background)):
                 preds[i] = p
         return preds, errors
 

@@ -17,3 +17,7 @@ SPLITS = ("all", "val")
 #: ``auto`` (the default): fusion+bridge when the image encoder has a named classifier head, else fusion
 #: (docs/RESULTS.md: fusion+bridge is the best design on unseen names and within 1.2 points on seen ones).
 MODES = ("auto", "fusion", "bridge", "fusion+bridge")
+#: How "none of these" is decided (``Segmenter(decision=...)``, ``--decision``): ``threshold``: a pixel keeps its
+#: best name when that name's sigmoid score reaches the threshold; ``relative``: each name measured against its
+#: own peak in the image (``tiling.relative_labels``).
+DECISIONS = ("threshold", "relative")

@@ -187,7 +187,15 @@ def _check_segment_args(a: argparse.Namespace) -> None:
         raise CLIError(f"--size must be between 8 and 16384 px, got {a.size}")
     if a.background and a.threshold is not None:
         raise CLIError("--background uses the plain arg-max, so --threshold would be ignored: give one of them")
+    _check_decision(a)
     _check_device(a.device)
+
+
+def _check_decision(a: argparse.Namespace) -> None:
+    if a.decision == "relative" and a.threshold is not None:
+        raise CLIError("--decision relative measures each name against its own peak: --threshold would be ignored")
+    if a.decision is not None and getattr(a, "background", False):
+        raise CLIError("--background uses the plain arg-max, so --decision would be ignored: give one of them")
 
 
 def _output_names(stem: str, overlay: bool) -> list[str]:
@@ -313,7 +321,7 @@ def _segment_run(a, names, paths, todo, out, overlay, max_pixels, status, fail) 
     if a.threads:
         torch.set_num_threads(a.threads)
     seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile, mode=a.mode,
-                                    max_pixels=max_pixels, runtime=a.runtime)
+                                    max_pixels=max_pixels, runtime=a.runtime, decision=a.decision)
     thr = seg.threshold if a.threshold is None else a.threshold
     sub = [paths[i] for i in todo]
     workers = a.workers if len(sub) >= 4 else 0  # starting processes does not pay for a few images
@@ -341,7 +349,8 @@ def _segment_run(a, names, paths, todo, out, overlay, max_pixels, status, fail) 
             preds = seg.predict_batch([it[1] for it in items], names, threshold=a.threshold, background=a.background)
             secs = round((time.time() - t0) / len(items), 3)
             for (i, _, ov_img), pred in zip(items, preds):
-                extra = dict(image=str(paths[i]), model=str(a.model), threshold=thr, seconds=secs)
+                extra = dict(image=str(paths[i]), model=str(a.model), threshold=thr, decision=seg.decision,
+                             seconds=secs)
                 fut = writer.submit(_write_outputs, paths[i], out, pred, ov_img, names, extra, overlay)
                 fut.add_done_callback(written(i))
                 pending.append(fut)
@@ -454,7 +463,7 @@ def _check_run_folder(out: Path, resume, overwrite: bool) -> None:
 def _segment_ray(a: argparse.Namespace, names: list[str]) -> int:
     from .scale.ray_engine import run
     kw = dict(classes=names, model=a.model, size=a.size, threshold=a.threshold, mode=a.mode, tile=a.tile,
-              runtime=a.runtime, background=a.background, device=a.device)
+              runtime=a.runtime, background=a.background, device=a.device, decision=a.decision)
     if a.threads:
         kw["threads"] = a.threads
     r = run(a.images, a.out, kw, address=a.address, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
@@ -527,6 +536,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.fold is not None and not 0 <= a.fold <= 3:
         raise CLIError(f"--fold must be 0, 1, 2 or 3, got {a.fold}")
     _check_number(a, "threshold", 0.0, 1.0)
+    _check_decision(a)
     _check_number(a, "max_images", 1)
     _check_number(a, "episodes", 1)
     _check_number(a, "threads", 0, 1024)
@@ -549,7 +559,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             _check_writable(Path(p).resolve().parent)
     rep = evaluate(model=a.model, data=a.data, protocol=a.protocol, fold=a.fold, threshold=a.threshold,
                    device=a.device, json_path=a.json, report_path=a.report, max_images=a.max_images,
-                   episodes=a.episodes, classes=a.classes, mode=a.mode, split=a.split)
+                   episodes=a.episodes, classes=a.classes, mode=a.mode, split=a.split, decision=a.decision)
     print(rep["table"])
     for p in (a.json, a.report):
         if p:
@@ -682,7 +692,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .choices import DEFAULT_IMAGE_ENCODER, MODES, PROTOCOLS, SPLITS
+    from .choices import DECISIONS, DEFAULT_IMAGE_ENCODER, MODES, PROTOCOLS, SPLITS
     from .engine.config import add_train_flags
     p = _Parser(prog="fusionseg", description="Open-vocabulary semantic segmentation on frozen encoders.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -701,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="default", help="'default' or a checkpoint (.safetensors or run folder)")
     s.add_argument("--threshold", type=float, default=None, help="none-of-these threshold on the sigmoid score (default: the model's; 0.3 for the shipped one)")
     s.add_argument("--background", action="store_true", help="plain arg-max, no threshold (name a background class yourself)")
+    s.add_argument("--decision", default=None, choices=list(DECISIONS), help="how \"none of these\" is decided: threshold (a pixel keeps its best name when that name's score reaches --threshold) or relative (each name measured against its own peak in the image; a name counts as present when that peak reaches 0.01 per name asked). Default: the model's (relative for the shipped one); giving --threshold means threshold")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--size", type=int, default=None, help="working size: longer image side in px (default: the model's)")
     s.add_argument("--no-overlay", action="store_true", help="skip the overlay picture")
@@ -760,6 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fold", type=int, default=None, help="PASCAL-5i / COCO-20i fold 0-3")
     e.add_argument("--episodes", type=int, default=None, help="episode count (default: 1,000 for folds, else all)")
     e.add_argument("--threshold", type=float, default=None)
+    e.add_argument("--decision", default=None, choices=list(DECISIONS), help="as segment --decision")
     e.add_argument("--max-images", type=int, default=None)
     e.add_argument("--json", default=None, help="write the report as JSON here")
     e.add_argument("--report", default=None, help="write a Markdown report (with a figure) here")

@@ -25,7 +25,7 @@ from .data.transforms import pad_to, resize_image, round_up, to_tensor
 from .model.checkpoint import load_model
 from .model.scoring import KNOWN_NAME_SIMILARITY, known_from_similarity, resolve_mode
 from .textcache import TextCache, build_bridge, vocabulary_embeddings
-from .tiling import (OVERLAP, _frac, _owned, _starts, labels_from_logits, stitch_windows,  # noqa: F401 - re-exported
+from .tiling import (DECISIONS, OVERLAP, _frac, _owned, _starts, labels_from_logits, relative_labels, stitch_windows,  # noqa: F401 - re-exported
                      upsample_crop, upsample_rows)
 
 from .names import MAX_CLASSES, parse_class_names  # noqa: F401  (the one class-name policy; re-exported)
@@ -143,7 +143,8 @@ class Segmenter:
 
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
                  threshold: float | None = None, tile: int | None = None, text_cache: TextCache | None = None,
-                 text_cache_size: int = 4096, mode: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
+                 text_cache_size: int = 4096, mode: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 decision: str | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         from .model.bridge import has_classifier
@@ -155,6 +156,10 @@ class Segmenter:
         if self.size < 8:
             raise ValueError(f"working size must be at least 8 px, got {self.size}")
         self.threshold = float(meta.get("threshold", 0.5) if threshold is None else threshold)
+        #: How "none of these" is decided when a call gives no threshold: ``threshold`` or ``relative``
+        #: (:func:`~fusionseg.tiling.relative_labels`); from the checkpoint (``meta["decision"]``), else
+        #: ``threshold``. A threshold given here or to a call means the threshold decision.
+        self.decision = self._decision(decision, threshold)
         if tile is not None and tile != 0 and tile < 64:
             raise ValueError(f"tile must be 0 (off) or at least 64 px, got {tile}")
         self.tile = tile
@@ -309,12 +314,28 @@ class Segmenter:
         e = self.encode(image)
         return self.logits_from(e, class_names), e.orig
 
+    def _decision(self, decision: str | None, threshold: float | None) -> str:
+        """The decision a call (or the constructor) makes: ``decision`` if given, ``threshold`` when a threshold
+        is given, else the segmenter's (the checkpoint's, at construction)."""
+        if decision is None:
+            decision = "threshold" if threshold is not None else getattr(self, "decision", None) or \
+                self.meta.get("decision", "threshold")
+        if decision not in DECISIONS:
+            raise ValueError(f"unknown decision {decision!r}; use one of {', '.join(DECISIONS)}")
+        return decision
+
     def _check(self, class_names, threshold) -> tuple[list[str], float]:
         names = parse_class_names(class_names)
         thr = self.threshold if threshold is None else float(threshold)
         if not 0.0 <= thr <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {thr}")
         return names, thr
+
+    @staticmethod
+    def _labels(lg: torch.Tensor, orig, thr: float, background: bool, decision: str, region=None):
+        if decision == "relative" and not background:
+            return relative_labels(lg, orig, region=region)
+        return labels_from_logits(lg, orig, thr, background, region=region)
 
     def _tile_for(self, p: Prepared) -> int:
         """Window side for this image, or 0 for one pass over the whole image."""
@@ -325,23 +346,27 @@ class Segmenter:
         return t if t and longer > t else 0
 
     def predict(self, image, class_names: Sequence[str] | str, threshold: float | None = None,
-                background: bool = False) -> Prediction:
+                background: bool = False, decision: str | None = None) -> Prediction:
         """Label every pixel with one of ``class_names`` or 0 ("none of these").
 
-        A pixel takes the arg-max class if its sigmoid score passes ``threshold`` (default from the checkpoint,
-        0.5); with ``background=True`` the plain arg-max is used (name a "background" class yourself).
+        ``decision`` (default :attr:`decision`; ``threshold`` whenever a threshold is given): ``threshold``: a
+        pixel takes the arg-max class if its sigmoid score passes ``threshold`` (default from the checkpoint,
+        0.5); ``relative``: each name is measured against its own peak in the image
+        (:func:`~fusionseg.tiling.relative_labels`). With ``background=True`` the plain arg-max is used (name a
+        "background" class yourself).
         """
         names, thr = self._check(class_names, threshold)
         p = image if isinstance(image, Prepared) else self.prepare(image)
-        return self.predict_batch([p], names, thr, background)[0]
+        return self.predict_batch([p], names, threshold, background, decision)[0]
 
     @torch.inference_mode()
     def predict_batch(self, images: Sequence, class_names: Sequence[str] | str, threshold: float | None = None,
-                      background: bool = False) -> list[Prediction]:
+                      background: bool = False, decision: str | None = None) -> list[Prediction]:
         """:meth:`predict` for several images: images of one padded shape go through the encoder and the
         fusion head as one batch (same results as one at a time; shapes never mix, since padding would
         change the attention). ``images``: anything :meth:`predict` takes, or :class:`Prepared`."""
         names, thr = self._check(class_names, threshold)
+        decision = self._decision(decision, threshold)
         preps = [im if isinstance(im, Prepared) else self.prepare(im) for im in images]
         text = self.text_embeddings(names)
         out: list[Prediction | None] = [None] * len(preps)
@@ -349,7 +374,7 @@ class Segmenter:
         for i, p in enumerate(preps):
             if self._tile_for(p):
                 lr, region = self._tiled_lowres(p, text, self._tile_for(p), names)
-                labels, scores = labels_from_logits(lr, p.orig, thr, background, region=region)
+                labels, scores = self._labels(lr, p.orig, thr, background, decision, region=region)
                 out[i] = Prediction(labels, scores, list(names))
             else:
                 groups.setdefault(tuple(p.x.shape[-2:]), []).append(i)
@@ -361,7 +386,7 @@ class Segmenter:
                                       lambda: self.bridge_maps(x))  # (B, N, Hp/os, Wp/os)
             for b, i in enumerate(idx):
                 lg = upsample_crop(low[b:b + 1], shape, preps[i].valid)[0].float()
-                labels, scores = labels_from_logits(lg, preps[i].orig, thr, background)
+                labels, scores = self._labels(lg, preps[i].orig, thr, background, decision)
                 out[i] = Prediction(labels, scores, list(names))
         return out  # type: ignore[return-value]
 

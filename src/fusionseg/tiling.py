@@ -7,7 +7,9 @@ low-resolution logits become a full-size label map.
 * :func:`upsample_crop`: decoder-resolution logits -> the working size, padding cropped;
 * :func:`upsample_rows` / :func:`labels_from_logits`: logits -> labels and scores at the original size, in
   row bands (a 10,000 x 8,000 photo costs little more memory than its label map), through
-  :mod:`fusionseg.labelmap`'s per-cell class pruning when that pays.
+  :mod:`fusionseg.labelmap`'s per-cell class pruning when that pays;
+* :func:`relative_labels`: the same with the *relative* "none of these" decision (each name measured against
+  its own peak in the image, present only when that peak clears a gate that rises with the number of names).
 """
 from __future__ import annotations
 
@@ -17,11 +19,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .choices import DECISIONS  # noqa: F401 - re-exported
 from .labelmap import argmax_classes, resample_argmax, write_band
 from .runtime import fast_paths
 
 #: Fraction of a window shared with its neighbour (features are kept up to the middle of the overlap).
 OVERLAP = 0.5
+
+#: :func:`relative_labels`: a pixel keeps its best name where that name's score is at least this fraction of the
+#: name's own peak in the image.
+RELATIVE_FRACTION = 0.3
+#: :func:`relative_labels`: a name counts as present in the image when its peak score reaches this much per name
+#: asked (one name: 0.01, three: 0.03, eighty: capped at :data:`PRESENCE_CAP`): the more names a query holds, the
+#: fewer of them a photo shows, so each must show more evidence. 0.01 per name and the fraction 0.3 were chosen on
+#: the held-out COCO 2017 images (docs/RESULTS.md, "How none of these is decided"), and checked on COCO128.
+PRESENCE_PER_NAME = 0.01
+PRESENCE_CAP = 0.5
+
+
+def presence_gate(n_names: int, per_name: float = PRESENCE_PER_NAME, cap: float = PRESENCE_CAP) -> float:
+    """The peak sigmoid score a name needs to count as present when ``n_names`` names are asked together."""
+    return min(float(cap), float(per_name) * max(1, int(n_names)))
 
 
 def _owned(starts: list[int], tile: int, total: int, align: int) -> list[tuple[int, int]]:
@@ -129,4 +147,41 @@ def labels_from_logits(lg: torch.Tensor, size: tuple[int, int], threshold: float
         bands = upsample_rows(lg, size, rows, region)
     for y0, _, up in bands:
         write_band(labels, scores, y0, *argmax_classes(up), threshold, background)
+    return labels, scores
+
+
+def relative_labels(lg: torch.Tensor, size: tuple[int, int], region: tuple[float, float] | None = None,
+                    fraction: float = RELATIVE_FRACTION, gate: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The relative decision: logits ``(N, h, w)`` -> (labels, scores) at ``size`` = (W, H), as
+    :func:`labels_from_logits` returns them.
+
+    Each name's sigmoid map is divided by its own peak over the image (``region``, as in
+    :func:`labels_from_logits`: the part of ``lg`` that shows it), so a name the model scores weakly everywhere
+    (a small or rare object) still claims the place it scores best. A name whose peak is below ``gate``
+    (default :func:`presence_gate` of N) counts as absent. A pixel takes the name with the highest relative
+    score when that reaches ``fraction``, else 0 ("none of these"). Scores are the chosen name's sigmoid score
+    (for label 0: the best present name's, or 0 when no name is present)."""
+    n = int(lg.shape[0])
+    W, H = size
+    if n == 0:
+        return np.zeros((H, W), np.uint16), np.zeros((H, W), np.float32)
+    gate = presence_gate(n) if gate is None else float(gate)
+    p = lg.float().sigmoid()
+    seen = p if region is None else p[:, :max(1, int(np.ceil(region[1]))), :max(1, int(np.ceil(region[0])))]
+    peak = seen.flatten(1).amax(1)  # (N,)
+    present = peak >= gate
+    q = (p / peak.clamp_min(1e-12)[:, None, None]).clamp_(1e-7, 1 - 1e-7)
+    rel = torch.logit(q)  # the relative score as a logit: the label resampling below works on logits
+    rel[~present] = -30.0  # sigmoid ~1e-13: never reaches the fraction
+    labels, scores = labels_from_logits(rel, size, 0.0, background=True, region=region)
+    # labels 1..N here; index luts by label (slot 0 unused), in place and in row bands (huge photos: no
+    # full-size int64 or float64 temporaries)
+    peak_lut = np.concatenate([[0.0], peak.numpy()]).astype(np.float32)
+    present_lut = np.concatenate([[False], present.numpy()])
+    rows = max(1, 4_000_000 // max(1, W))
+    for y0 in range(0, H, rows):
+        lab, sc = labels[y0:y0 + rows], scores[y0:y0 + rows]
+        drop = (sc < fraction) | ~present_lut[lab]
+        sc *= peak_lut[lab]  # relative -> the name's own sigmoid score
+        lab[drop] = 0
     return labels, scores

@@ -1,6 +1,8 @@
 """Evaluation protocols -> report dicts (JSON-ready; IoU as fractions in [0, 1])."""
 from __future__ import annotations
 
+import copy
+
 import time
 from pathlib import Path
 from typing import Sequence
@@ -196,8 +198,9 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
              threshold: float | None = None, device: str = "cpu", json_path: str | None = None,
              report_path: str | None = None, max_images: int | None = None, episodes: int | None = None,
              progress: bool = True, examples: int = 4, classes: Sequence[str] | str | None = None,
-             mode: str = "auto", split: str = "all") -> dict:
-    """Evaluate a model on a dataset; returns the report dict (also written as JSON / Markdown if asked)."""
+             mode: str = "auto", split: str = "all", decision: str | None = None) -> dict:
+    """Evaluate a model on a dataset; returns the report dict (also written as JSON / Markdown if asked).
+    ``decision``: how "none of these" is decided (``Segmenter.decision``; default the model's)."""
     import json
     from pathlib import Path
     from ..data.benchmarks import open_dataset
@@ -210,7 +213,11 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     ds = open_dataset(data, fold=fold)
-    seg = model if isinstance(model, Segmenter) else Segmenter.from_pretrained(model, device=device, mode=mode)
+    seg = model if isinstance(model, Segmenter) else Segmenter.from_pretrained(model, device=device, mode=mode,
+                                                                               decision=decision)
+    if decision is not None and seg.decision != decision:
+        seg = copy.copy(seg)  # the caller's segmenter keeps its own decision
+        seg.decision = seg._decision(decision, None)
     if split == "val":
         if not hasattr(ds, "subset"):
             raise ValueError("--split val needs a dataset folder (benchmarks bring their own splits: use --fold)")
@@ -245,7 +252,8 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
         ex = rep.pop("_examples", [])
     rep.update(model=str(model if not isinstance(model, Segmenter) else seg.meta.get("path")), data=str(data),
                fold=fold, threshold=seg.threshold if threshold is None else threshold, mode=seg.mode,
-               split=split)
+               split=split, decision=seg.decision if threshold is None and protocol in ("semantic", "present")
+               else "threshold")  # episodes and novel names: each name alone, sigmoid >= threshold
     rep["table"] = _table(rep)
     if json_path:
         write_text_atomic(json.dumps({k: v for k, v in rep.items() if k != "table"}, indent=1), json_path)
