@@ -10,7 +10,7 @@ mean scores, the image size, and ``status``/``error`` per row. A row that cannot
 
 Ray Data (a stateful actor class; the model loads once per actor)::
 
-    ds = ray.data.read_binary_files("s3://bucket/photos/", include_paths=True)
+    ds = ray.data.read_binary_files("s3://bucket/photos/", include_paths=True, num_cpus=0)  # reads are I/O
     out = ds.map_batches(BatchPredictor, fn_constructor_kwargs={"classes": "cat, dog"},
                          batch_size=16, concurrency=4, num_gpus=0)
 
