@@ -159,6 +159,9 @@ TRAIN_FLAGS = [
     ("--synonym-rate", "synonym_rate", "store", float, None, None, None, None,
      "share of classes named by one of their synonyms in a step (datasets written by fusionseg pseudo-label "
      "carry them; default 0)"),
+    ("--repeat-factor", "repeat_factor", "store", float, None, None, None, None,
+     "repeat-factor sampling: images showing a class rarer than this share of the training images are drawn more "
+     "often (sqrt(t / share)x; e.g. 0.1); 0: uniform"),
     ("--resume", "resume", "store", None, "?", True, None, "RUN_DIR",
      "continue from the last checkpoint: of OUT (no value) or of RUN_DIR"),
     ("--overwrite", "overwrite", "store_true", None, 0, True, None, None,

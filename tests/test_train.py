@@ -145,3 +145,24 @@ def test_validation_and_evaluate_share_the_semantic_report():
     assert "semantic_scores(" in inspect.getsource(evaluate.evaluate_semantic)
     assert "semantic_scores(" in inspect.getsource(trainer.validate)
     assert "iou_from_confusion" not in inspect.getsource(trainer)
+
+
+def test_repeat_factors_draw_images_of_rare_classes_more_often():
+    import random
+    from fusionseg.engine.sampling import plan_batch, repeat_factors
+    # class 0 in 89 of 100 images, class 1 in 10, class 2 in 1 (image 99), image 98 shows nothing
+    names = [{0} for _ in range(89)] + [{1} for _ in range(9)] + [set(), {1, 2}]
+    w = repeat_factors(names, 0.1)
+    assert w[0] == 1.0 and w[98] == 1.0  # common class, empty image: weight 1
+    assert w[89] == pytest.approx(1.0)  # class 1 in 10% of images = the threshold: no repeat
+    assert w[99] == pytest.approx((0.1 / 0.01) ** 0.5)  # its rarest class decides: sqrt(10)
+    cum = list(__import__("itertools").accumulate(w))
+    rng = random.Random(0)
+    draws = [i for _ in range(400) for i in plan_batch(rng, 100, 2, 10, 10, 16, cum).idx]
+    share = draws.count(99) / len(draws)
+    assert share == pytest.approx(w[99] / sum(w), rel=0.25) and share > 2.5 / 100
+    # without weights the draw is the uniform one it always was (old runs reproduce)
+    a = plan_batch(random.Random(1), 100, 2, 10, 10, 16)
+    r = random.Random(1)
+    r.randint(7, 10)  # the crop side is drawn first
+    assert a.idx == [r.randrange(100) for _ in range(16)]

@@ -91,6 +91,9 @@ class TrainConfig:
     synonym_rate: float = _key(0.0, flag="value",  # text augmentation from a manifest's "synonyms" (pseudo-label)
                                help="share of classes named by one of their synonyms in a step (datasets written "
                                     "by fusionseg pseudo-label carry them; default 0)")
+    repeat_factor: float = _key(0.0, flag="value",  # LVIS repeat-factor sampling threshold (sampling.repeat_factors)
+                                help="repeat-factor sampling: images showing a class rarer than this share of the "
+                                     "training images are drawn more often (sqrt(t / share)x; e.g. 0.1); 0: uniform")
     resume: bool | str = _key(False, flag="resume",  # True: continue OUT/state.pt; a folder: continue that run
                               help="continue from the last checkpoint: of OUT (no value) or of RUN_DIR")
     progress: bool = True

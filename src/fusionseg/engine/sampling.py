@@ -8,6 +8,7 @@ plan) and a run without the feature cache see the same batches as one uninterrup
 """
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from dataclasses import dataclass
@@ -101,22 +102,48 @@ def dataset_synonyms(ds) -> list[list[str]] | None:
     return [[str(w) for w in raw.get(str(v), [])] for v in values]
 
 
-def name_support(train_sets: Sequence, maps: Sequence[Sequence[int]], n_vocab: int) -> list[int] | None:
-    """Per vocabulary name, how many training images show it (read from the masks), or None when a training set
-    cannot give its masks by id. The scorer weighs the trained head by this evidence (``model.scoring``)."""
+def image_names(train_sets: Sequence, maps: Sequence[Sequence[int]]) -> list[set[int]] | None:
+    """Per training image (the sets one after another, as the pools hold them), the vocabulary ids its mask
+    shows; None when a training set cannot give its masks by id."""
     if not all(hasattr(ds, "load_mask") for ds in train_sets):
         return None
-    counts = [0] * n_vocab
+    out: list[set[int]] = []
     for ds, lmap in zip(train_sets, maps):
         lut = np.full(256, -1, np.int64)
         for k, g in enumerate(lmap, start=1):
             lut[k] = g
         for id in ds.ids:
-            for v in np.unique(ds.load_mask(id)):
-                g = lut[int(v)]
-                if g >= 0:
-                    counts[g] += 1
+            out.append({int(lut[int(v)]) for v in np.unique(ds.load_mask(id)) if lut[int(v)] >= 0})
+    return out
+
+
+def name_support(train_sets: Sequence, maps: Sequence[Sequence[int]], n_vocab: int,
+                 names: list[set[int]] | None = None) -> list[int] | None:
+    """Per vocabulary name, how many training images show it (read from the masks, or from :func:`image_names`
+    given as ``names``), or None when a training set cannot give its masks by id. The scorer weighs the trained
+    head by this evidence (``model.scoring``)."""
+    names = image_names(train_sets, maps) if names is None else names
+    if names is None:
+        return None
+    counts = [0] * n_vocab
+    for shown in names:
+        for g in shown:
+            counts[g] += 1
     return counts
+
+
+def repeat_factors(names: Sequence[set[int]], threshold: float) -> list[float]:
+    """Repeat-factor sampling (LVIS, Gupta et al. 2019): image i is drawn with weight
+    ``max(1, max over its classes c of sqrt(threshold / f_c))``, ``f_c`` the share of training images showing c,
+    so an image with a class rarer than ``threshold`` comes up more often (a class in 1% of the images, with
+    threshold 0.1: about 3x). Images showing no class keep weight 1."""
+    n = max(1, len(names))
+    counts: dict[int, int] = {}
+    for shown in names:
+        for g in shown:
+            counts[g] = counts.get(g, 0) + 1
+    rc = {g: max(1.0, math.sqrt(threshold / (c / n))) for g, c in counts.items()}
+    return [max([1.0] + [rc[g] for g in shown]) for shown in names]
 
 
 def build_vocabulary(datasets: Sequence, exclude: Sequence[str] = ()) -> tuple[list[str], list[list[int]], list[str]]:
@@ -184,12 +211,17 @@ def step_rng(seed: int, step: int, what: str = "batch") -> random.Random:
     return random.Random(f"{seed}:{step}:{what}")
 
 
-def plan_batch(rng: random.Random, n: int, views: int, grid: int, top: int, batch_size: int) -> Plan:
-    """Random images, views and a random crop of the token grid (crop side between 0.7x ``top`` and ``top``
-    tokens, at most the grid, so larger scales give zoomed-in crops)."""
+def plan_batch(rng: random.Random, n: int, views: int, grid: int, top: int, batch_size: int,
+               cum_weights: Sequence[float] | None = None) -> Plan:
+    """Random images (uniform, or by ``cum_weights``: cumulative image weights, see :func:`repeat_factors`),
+    views and a random crop of the token grid (crop side between 0.7x ``top`` and ``top`` tokens, at most the
+    grid, so larger scales give zoomed-in crops)."""
     top = min(grid, max(2, top))
     k = rng.randint(max(2, int(top * 0.7)), top)
-    idx = [rng.randrange(n) for _ in range(batch_size)]
+    if cum_weights is None:
+        idx = [rng.randrange(n) for _ in range(batch_size)]
+    else:
+        idx = rng.choices(range(n), cum_weights=cum_weights, k=batch_size)
     vis = [rng.randrange(views) for _ in idx]
     offs = [(rng.randint(0, grid - k), rng.randint(0, grid - k)) for _ in idx]
     return Plan(0, k, idx, vis, offs)
@@ -229,8 +261,9 @@ class _UncachedSteps(torch.utils.data.Dataset):
     cache does, flipped for view 1, then cropped: the same crops the cached path takes on the feature grid."""
 
     def __init__(self, sets: list, maps: list, n_vocab: int, scales: list[int], cfg: TrainConfig, token_stride: int,
-                 mean, std, rows: Sequence[int]):
+                 mean, std, rows: Sequence[int], cum_weights: Sequence[float] | None = None):
         self.sets, self.maps, self.n_vocab = sets, maps, n_vocab
+        self.cum_weights = cum_weights
         self.scales, self.cfg, self.ts, self.mean, self.std = scales, cfg, token_stride, mean, std
         self.rows = list(rows)
         self.offsets = np.cumsum([0] + [len(s) for s in sets])
@@ -239,7 +272,7 @@ class _UncachedSteps(torch.utils.data.Dataset):
         return self.cfg.steps
 
     def __getitem__(self, step: int):
-        plan = make_step_plan(step, self.cfg, int(self.offsets[-1]), self.scales, self.ts)
+        plan = make_step_plan(step, self.cfg, int(self.offsets[-1]), self.scales, self.ts, self.cum_weights)
         sc = self.scales[plan.scale]
         px, k = self.ts, plan.k
         xs, ms, kn = [], [], []
@@ -258,9 +291,10 @@ class _UncachedSteps(torch.utils.data.Dataset):
         return plan.scale, torch.stack(xs), torch.stack(ms), torch.stack(kn)
 
 
-def make_step_plan(step: int, cfg: TrainConfig, n: int, scales: list[int], token_stride: int) -> Plan:
+def make_step_plan(step: int, cfg: TrainConfig, n: int, scales: list[int], token_stride: int,
+                   cum_weights: Sequence[float] | None = None) -> Plan:
     rng = step_rng(cfg.seed, step)
     si = rng.randrange(len(scales))
-    plan = plan_batch(rng, n, 2, scales[si] // token_stride, cfg.size // token_stride, cfg.batch_size)
+    plan = plan_batch(rng, n, 2, scales[si] // token_stride, cfg.size // token_stride, cfg.batch_size, cum_weights)
     plan.scale = si
     return plan

@@ -14,6 +14,7 @@ stays real with the cache; the no-cache path takes the same crops in pixel space
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -37,7 +38,7 @@ from .distributed import Dist, wrap_for_training
 from .encoders import build_encoder_for_training, with_offline_hint
 from .metrics import SemanticMeter, semantic_scores
 from .plots import plot_metrics
-from .sampling import (dataset_synonyms, name_support, _mask_lut, _Pool, _UncachedSteps, build_vocabulary, choose_classes, default_scales,
+from .sampling import (dataset_synonyms, image_names, name_support, repeat_factors, _mask_lut, _Pool, _UncachedSteps, build_vocabulary, choose_classes, default_scales,
                        gather_batch, make_step_plan, open_datasets, step_rng)
 from .state import (CONFIG_FILE, STATE_FILE, load_state, rng_states, save_state, set_rng_states,
                     write_checkpoint)
@@ -217,7 +218,16 @@ class Trainer:
         self.maps = [maps[datasets.index(ds)] for ds, _ in train_sets]  # per training set: local -> global id
         self.train_sets = [t for _, t in train_sets]
         self.n_train = sum(len(t) for t in self.train_sets)
-        self.support = name_support(self.train_sets, self.maps, len(self.vocab))
+        shown = image_names(self.train_sets, self.maps)
+        self.support = name_support(self.train_sets, self.maps, len(self.vocab), shown)
+        self.cum_weights = None  # uniform image sampling
+        if cfg.repeat_factor > 0:
+            if shown is None:
+                raise ValueError("--repeat-factor needs training sets whose masks can be read by image id")
+            w = repeat_factors(shown, cfg.repeat_factor)
+            self.cum_weights = list(itertools.accumulate(w))
+            self.say(f"repeat-factor sampling (threshold {cfg.repeat_factor}): {sum(x > 1 for x in w)} of {len(w)} "
+                     f"images drawn more often, up to {max(w):.1f}x")
         if self.dist.main:
             write_atomic(self.out / "splits.json", json.dumps(self.splits, indent=1).encode())
             if write_config:
@@ -358,7 +368,7 @@ class Trainer:
     def _batch(self, step: int):
         """This rank's rows of step ``step``'s batch on the device: (levels, masks, known)."""
         if self.cfg.cache:
-            plan = make_step_plan(step, self.cfg, self.n_train, self.scales, self.token_stride)
+            plan = make_step_plan(step, self.cfg, self.n_train, self.scales, self.token_stride, self.cum_weights)
             levels, masks, kn = gather_batch(self.pools[plan.scale], plan, self.rows, self.token_stride)
             if self.device.type == "cuda":
                 levels = [lv.pin_memory() for lv in levels]
@@ -450,7 +460,7 @@ class Trainer:
         self.loader = None
         if not cfg.cache:
             data = _UncachedSteps(self.train_sets, self.maps, len(self.vocab), self.scales, cfg, self.token_stride,
-                                  self.image_encoder.mean, self.image_encoder.std, self.rows)
+                                  self.image_encoder.mean, self.image_encoder.std, self.rows, self.cum_weights)
             self.loader = iter(torch.utils.data.DataLoader(
                 data, batch_size=None, sampler=range(self.start, cfg.steps), num_workers=cfg.workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=False,
