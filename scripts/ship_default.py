@@ -176,7 +176,8 @@ n / (n + 10) on the model, n the training images that showed that name (recorded
 `training.name_images`): names seen in hundreds of photos keep the model's sharp maps, names seen in a handful
 lean on the bridge. Any other name goes to the bridge, sharpened by this model's own map of it.
 {none_rule}
-`--mode fusion` gives the trained head alone, `--mode bridge` the training-free bridge alone.
+`--mode fusion` gives the trained head alone, `--mode bridge` the training-free bridge alone (with the threshold
+decision unless `--decision relative` is given: the bridge's faint maps of absent names would pass the relative gate).
 
 ## Validation (held-out images)
 *present*: each image segmented with exactly the classes its ground truth shows (`evaluate --protocol present`);

@@ -96,3 +96,28 @@ def test_cli_decision_conflicts_are_one_line_errors(tmp_path, capsys):
     code, _, err = run_cli(["segment", img, "--classes", "cat", "--out", tmp_path / "o", "--decision", "relative",
                             "--background"], capsys)
     assert code == 2 and "--decision would be ignored" in err
+
+
+def test_bridge_mode_keeps_the_threshold_unless_asked():
+    from fusionseg.segmenter import Segmenter
+    seg = Segmenter.from_pretrained("default", mode="bridge")
+    assert seg.decision == "threshold"
+    assert Segmenter.from_pretrained("default", mode="bridge", decision="relative").decision == "relative"
+    if Segmenter.from_pretrained("default").meta.get("decision") == "relative":
+        assert Segmenter.from_pretrained("default", mode="fusion").decision == "relative"
+
+
+def test_default_decision_on_the_demo_finds_the_cat_and_draws_no_absent_name():
+    from pathlib import Path
+    from PIL import Image
+    from fusionseg.segmenter import Segmenter
+    ex = Path(__file__).resolve().parents[1] / "examples"
+    img = Image.open(ex / "cat_toilet.jpg").convert("RGB")
+    gt = np.asarray(Image.open(ex / "cat_toilet_mask.png"))
+    seg = Segmenter.from_pretrained("default")
+    lab = seg.predict(img, ["cat", "dog", "car"]).labels
+    cat = lab == 1
+    assert (cat & (gt == 16)).sum() / (cat | (gt == 16)).sum() > 0.5
+    assert (lab == 2).mean() < 0.02 and (lab == 3).mean() < 0.02  # neither is in the photo
+    two = seg.predict(img, ["cat", "toilet"]).labels
+    assert ((two == 2) & (gt == 62)).sum() > 0.1 * (gt == 62).sum()  # the toilet gets some of its pixels

@@ -158,8 +158,9 @@ class Segmenter:
         self.threshold = float(meta.get("threshold", 0.5) if threshold is None else threshold)
         #: How "none of these" is decided when a call gives no threshold: ``threshold`` or ``relative``
         #: (:func:`~fusionseg.tiling.relative_labels`); from the checkpoint (``meta["decision"]``), else
-        #: ``threshold``. A threshold given here or to a call means the threshold decision.
-        self.decision = self._decision(decision, threshold)
+        #: ``threshold`` (in ``bridge`` mode always ``threshold`` unless asked). A threshold given here or to a call
+        #: means the threshold decision.
+        self.decision = self._decision(decision, threshold, mode)
         if tile is not None and tile != 0 and tile < 64:
             raise ValueError(f"tile must be 0 (off) or at least 64 px, got {tile}")
         self.tile = tile
@@ -314,12 +315,18 @@ class Segmenter:
         e = self.encode(image)
         return self.logits_from(e, class_names), e.orig
 
-    def _decision(self, decision: str | None, threshold: float | None) -> str:
-        """The decision a call (or the constructor) makes: ``decision`` if given, ``threshold`` when a threshold
-        is given, else the segmenter's (the checkpoint's, at construction)."""
+    def _decision(self, decision: str | None, threshold: float | None, mode: str | None = None) -> str:
+        """The decision a call (or the constructor, with its ``mode``) makes: ``decision`` if given, ``threshold``
+        when a threshold is given, else the segmenter's; at construction the checkpoint's, except in ``bridge``
+        mode, which keeps the threshold: the checkpoint's decision was chosen on its model's scores, and the
+        bridge's faint, flat maps of absent names would pass the relative one's presence gate."""
         if decision is None:
-            decision = "threshold" if threshold is not None else getattr(self, "decision", None) or \
-                self.meta.get("decision", "threshold")
+            if threshold is not None:
+                decision = "threshold"
+            elif getattr(self, "decision", None):
+                decision = self.decision
+            else:
+                decision = "threshold" if mode == "bridge" else self.meta.get("decision", "threshold")
         if decision not in DECISIONS:
             raise ValueError(f"unknown decision {decision!r}; use one of {', '.join(DECISIONS)}")
         return decision
