@@ -1,0 +1,83 @@
+"""CPU latency of the shipped default against the default shipped at an earlier git revision (the peer).
+
+Both are ``Segmenter.predict`` from an in-memory RGB photo to the label map at the photo's size, at each
+model's default working size, in one process, interleaved photo by photo (machine load hits both alike); the
+names are the classes each photo's ground truth shows (the user's protocol), text from the cache. The peer's
+weights are read with ``git show REV:src/fusionseg/weights/default.safetensors`` and it runs with its own
+recorded settings (its threshold, its decision, its combination), so the ratio is what a user of each saw.
+
+Usage: python benchmarks/default_latency.py [--peer 13c47f5] [--images 40] [--repeats 3]
+           [--json docs/bench/default_latency.json]
+Target (issue 16): today's default at most 1.5x the peer's latency.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import _common as C
+import numpy as np
+import torch
+from PIL import Image
+
+TARGET = 1.5
+
+
+def peer_weights(rev: str) -> Path:
+    blob = subprocess.run(["git", "show", f"{rev}:src/fusionseg/weights/default.safetensors"], capture_output=True,
+                          check=True, cwd=C.ROOT).stdout
+    f = Path(tempfile.gettempdir()) / f"fusionseg-default-{rev}.safetensors"
+    f.write_bytes(blob)
+    return f
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peer", default="13c47f5", help="git revision of the peer default (default 13c47f5)")
+    ap.add_argument("--images", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=str(C.ROOT / "docs/bench/default_latency.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from fusionseg.data.benchmarks import open_dataset
+    from fusionseg.segmenter import Segmenter
+    ds = open_dataset(str(C.shared_data() / "coco2017_mini"))
+    samples = []
+    for i in range(min(a.images, len(ds))):
+        s = ds[i]
+        if s.present():
+            img = Image.open(s.image).convert("RGB") if isinstance(s.image, (str, Path)) else s.image
+            samples.append((np.asarray(img), [ds.class_names[c - 1] for c in s.present()]))
+    segs = {"today": Segmenter.from_pretrained("default"),
+            f"default@{a.peer}": Segmenter.from_pretrained(str(peer_weights(a.peer)))}
+    times: dict[str, list[float]] = {k: [] for k in segs}
+    for img, names in samples:  # warm-up: text embeddings cached, first-call costs paid
+        for seg in segs.values():
+            seg.predict(img, names)
+    for _ in range(a.repeats):
+        for img, names in samples:
+            for k, seg in segs.items():
+                t0 = time.perf_counter()
+                seg.predict(img, names)
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    peer = f"default@{a.peer}"
+    ratio = med["today"] / med[peer]
+    rep = {"images": len(samples), "repeats": a.repeats, "threads": a.threads, "peer": peer,
+           "median_ms": {k: round(v, 1) for k, v in med.items()}, "ratio_today_vs_peer": round(ratio, 3),
+           "target": TARGET, "decision": {k: s.decision for k, s in segs.items()},
+           "machine": C.machine(), "command": C.command()}
+    print(f"median ms per photo: today {med['today']:.1f}, {peer} {med[peer]:.1f}; ratio {ratio:.2f}x "
+          f"(target <= {TARGET}x)")
+    Path(a.json).write_text(json.dumps(rep, indent=1))
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
