@@ -7,13 +7,12 @@ weights are read with ``git show REV:src/fusionseg/weights/default.safetensors``
 recorded settings (its threshold, its decision, its combination), so the ratio is what a user of each saw.
 
 Usage: python benchmarks/default_latency.py [--peer 13c47f5] [--images 40] [--repeats 3]
-           [--json docs/bench/default_latency.json]
+           [--json docs/bench/default_latency.json]   (then: python benchmarks/render.py README.md)
 Target (issue 16): today's default at most 1.5x the peer's latency.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import tempfile
@@ -42,7 +41,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=str(C.ROOT / "docs/bench/default_latency.json"))
+    C.add_json_arg(ap, "default_latency")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from fusionseg.data.benchmarks import open_dataset
@@ -69,14 +68,15 @@ def main() -> None:
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     peer = f"default@{a.peer}"
     ratio = med["today"] / med[peer]
-    rep = {"images": len(samples), "repeats": a.repeats, "threads": a.threads, "peer": peer,
-           "median_ms": {k: round(v, 1) for k, v in med.items()}, "ratio_today_vs_peer": round(ratio, 3),
-           "target": TARGET, "decision": {k: s.decision for k, s in segs.items()},
-           "machine": C.machine(), "command": C.command()}
     print(f"median ms per photo: today {med['today']:.1f}, {peer} {med[peer]:.1f}; ratio {ratio:.2f}x "
           f"(target <= {TARGET}x)")
-    Path(a.json).write_text(json.dumps(rep, indent=1))
-    print(f"wrote {a.json}")
+    rows = [["today's default", segs["today"].decision, round(med["today"], 1), round(ratio, 2), f"<= {TARGET}x"],
+            [peer, segs[peer].decision, round(med[peer], 1), 1.0, "peer"]]
+    C.save_results(a.json, "default_latency",
+                   f"{len(samples)} COCO photos, the classes each shows named, {a.repeats} repeats, {a.threads} threads, "
+                   "each model at its default working size, interleaved",
+                   [{"header": ["model", "decision", "median ms per photo", "vs peer", "target"], "rows": rows}],
+                   ratio_today_vs_peer=round(ratio, 3), target=TARGET)
 
 
 if __name__ == "__main__":
