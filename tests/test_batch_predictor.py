@@ -91,6 +91,7 @@ def test_ray_data_map_batches_gives_the_segmenter_labels(predictor, tmp_path):
     local Ray, 6 real photos and a corrupt file; the rows carry the labels and fractions of Segmenter.predict."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'fusionseg[ray]')")
     pytest.importorskip("pandas", reason="Ray Data needs pandas (pip install 'fusionseg[ray]')")
+    pytest.importorskip("pyarrow", reason="Ray Data needs pyarrow (pip install 'fusionseg[ray]')")
     import logging
 
     import ray.data
