@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--trained-on", default=None, help="where it was trained, for the card (default: as recorded)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="the shipped \"none of these\" threshold (default: the checkpoint's)")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="the working size the shipped model runs at (default: its training size)")
     ap.add_argument("--decision", default=None, choices=list(DECISIONS),
                     help="the shipped \"none of these\" decision (default: the checkpoint's, else threshold)")
     a = ap.parse_args()
@@ -83,6 +85,8 @@ def main() -> None:
         meta["threshold"] = a.threshold
     if a.decision is not None:
         meta["decision"] = a.decision
+    if a.image_size is not None:
+        meta["image_size"] = a.image_size
     if not meta["training"].get("name_images"):
         meta["training"]["name_images"] = count_names(meta, splits)
     seg = Segmenter(model, meta, "cpu")
@@ -166,6 +170,7 @@ This card is written by `{command}` from the run's records and its measurements.
 - {tr['steps']} steps, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine), weight decay
   {cfg['weight_decay']}, per-class BCE at stride {cfg['loss_stride']}, up to {cfg['max_classes']} names per batch,
   images at {cfg['size']} px (scales {cfg.get('scales') or 'default'}){f", synonyms as names at rate {cfg['synonym_rate']}" if cfg.get('synonym_rate') else ''}{f", started from `{cfg['init']}`" if cfg.get('init') else ''}.
+- Runs at a working size of {meta.get('image_size', cfg['size'])} px (longer side; `--size` changes it).
 - Wall time: {tr["wall_seconds"]:.0f} s on {meta_out.get("trained_on", meta.get("trained_on", "the machine noted in the issue"))}.
 
 ## How names are scored
