@@ -160,7 +160,8 @@ class Segmenter:
         #: (:func:`~fusionseg.tiling.relative_labels`); from the checkpoint (``meta["decision"]``), else
         #: ``threshold`` (in ``bridge`` mode always ``threshold`` unless asked). A threshold given here or to a call
         #: means the threshold decision.
-        self.decision = self._decision(decision, threshold, mode)
+        self.decision = self._decision(decision, threshold,
+                                       "threshold" if mode == "bridge" else meta.get("decision", "threshold"))
         if tile is not None and tile != 0 and tile < 64:
             raise ValueError(f"tile must be 0 (off) or at least 64 px, got {tile}")
         self.tile = tile
@@ -315,18 +316,14 @@ class Segmenter:
         e = self.encode(image)
         return self.logits_from(e, class_names), e.orig
 
-    def _decision(self, decision: str | None, threshold: float | None, mode: str | None = None) -> str:
-        """The decision a call (or the constructor, with its ``mode``) makes: ``decision`` if given, ``threshold``
-        when a threshold is given, else the segmenter's; at construction the checkpoint's, except in ``bridge``
-        mode, which keeps the threshold: the checkpoint's decision was chosen on its model's scores, and the
-        bridge's faint, flat maps of absent names would pass the relative one's presence gate."""
+    @staticmethod
+    def _decision(decision: str | None, threshold: float | None, default: str) -> str:
+        """The decision to make: ``decision`` if given, ``threshold`` when a threshold is given, else ``default``
+        (for a call: the segmenter's; at construction: the checkpoint's, except in ``bridge`` mode, which keeps the
+        threshold: the checkpoint's decision was chosen on its model's scores, and the bridge's faint, flat maps
+        of absent names would pass the relative one's presence gate)."""
         if decision is None:
-            if threshold is not None:
-                decision = "threshold"
-            elif getattr(self, "decision", None):
-                decision = self.decision
-            else:
-                decision = "threshold" if mode == "bridge" else self.meta.get("decision", "threshold")
+            decision = "threshold" if threshold is not None else default
         if decision not in DECISIONS:
             raise ValueError(f"unknown decision {decision!r}; use one of {', '.join(DECISIONS)}")
         return decision
@@ -373,7 +370,7 @@ class Segmenter:
         fusion head as one batch (same results as one at a time; shapes never mix, since padding would
         change the attention). ``images``: anything :meth:`predict` takes, or :class:`Prepared`."""
         names, thr = self._check(class_names, threshold)
-        decision = self._decision(decision, threshold)
+        decision = self._decision(decision, threshold, self.decision)
         preps = [im if isinstance(im, Prepared) else self.prepare(im) for im in images]
         text = self.text_embeddings(names)
         out: list[Prediction | None] = [None] * len(preps)

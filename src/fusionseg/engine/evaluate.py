@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-
 import time
 from pathlib import Path
 from typing import Sequence
@@ -217,7 +216,7 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
                                                                                decision=decision)
     if decision is not None and seg.decision != decision:
         seg = copy.copy(seg)  # the caller's segmenter keeps its own decision
-        seg.decision = seg._decision(decision, None)
+        seg.decision = seg._decision(decision, None, seg.decision)
     if split == "val":
         if not hasattr(ds, "subset"):
             raise ValueError("--split val needs a dataset folder (benchmarks bring their own splits: use --fold)")
