@@ -166,6 +166,9 @@ TRAIN_FLAGS = [
      "continue from the last checkpoint: of OUT (no value) or of RUN_DIR"),
     ("--overwrite", "overwrite", "store_true", None, 0, True, None, None,
      "start afresh in an --out folder that holds a run (its run files are replaced)"),
+    ("--loss", "loss", "store", None, None, None, ["bce", "bce+dice", "focal"], None,
+     "bce (per-class BCE, the paper's), bce+dice (plus the soft dice of each class an image shows) or focal; "
+     "default bce"),
     ("--no-fusion", "no_fusion", "store_true", None, 0, True, None, None, "ablation: no fusion transformer"),
     ("--pos-embed", "pos_embed", "store", None, None, None, ["none", "fourier"], None, None),
     ("--bridge-prior", "bridge_prior", "store_true", None, 0, True, None, None,

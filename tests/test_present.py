@@ -39,6 +39,9 @@ def test_present_names_only_and_labels_mapped_back(shapes_dataset):
     assert rep["per_class"]["disc"] == 0.0
     assert rep["low_iou_classes"] == ["disc"] and rep["classes_evaluated"] == 2
     assert rep["miou"] == pytest.approx((sq / (sq + di)) / 2, abs=1e-4)
+    # the per-image counting: each image's own (square IoU + 0) / 2, averaged over images
+    per = [float((ds[i].mask == 1).sum()) / float(((ds[i].mask == 1) | (ds[i].mask == 2)).sum()) / 2 for i in range(4)]
+    assert rep["mean_image_miou"] == pytest.approx(np.mean(per), abs=1e-4)
 
 
 def test_heldout_subset_recomputes_the_recorded_validation_split(shapes_dataset):

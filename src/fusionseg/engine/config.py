@@ -79,6 +79,11 @@ class TrainConfig:
     clip_grad: float = 1.0
     max_bad_steps: int = 10           # stop after this many non-finite losses in a row
     loss_stride: int = 4
+    loss: str = _key("bce", flag="value", choices=["bce", "bce+dice", "focal"],  # engine/trainer.py loss_terms
+                     help="bce (per-class BCE, the paper's), bce+dice (plus the soft dice of each class an image "
+                          "shows) or focal; default {default}")
+    dice_weight: float = 1.0          # loss = bce + dice_weight * dice
+    focal_gamma: float = 2.0          # focal: BCE weighted by (1 - p_t) ** gamma
     fusion: bool = _key(True, flag="off", help="ablation: no fusion transformer")
     pos_embed: str = _key("none", flag="value", choices=["none", "fourier"])
     bridge_prior: bool = _key(False, flag="on",  # the bridge's per-class map as a model input (model/prior.py)
@@ -154,8 +159,14 @@ def _coerce(key: str, value: Any) -> Any:
         if t is str:
             if isinstance(value, (dict, list)):
                 raise TypeError
+            choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(TrainConfig)}[key]
+            if choices is not None and str(value) not in choices:
+                raise ValueError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}")
             return str(value)
-    except (TypeError, ValueError):
+    except ValueError as e:
+        if str(e).startswith("config key"):
+            raise
+    except TypeError:
         pass
     raise ValueError(f"config key '{key}' must be {getattr(hint, '__name__', None) or str(hint)}, got {value!r}")
 
