@@ -399,6 +399,11 @@ def _check_train_config(cfg, a: argparse.Namespace) -> None:
     _check_number(c, "log_every", 1)
     _check_number(c, "seed", 0)
     _check_number(c, "threads", 0, 1024)
+    for key, hi in (("copy_paste", 1.0), ("repeat_factor", 1.0), ("synonym_rate", 1.0), ("dice_weight", None),
+                    ("focal_gamma", None)):
+        _check_number(argparse.Namespace(**{key: getattr(cfg, key, None)}), key, 0.0, hi)
+    if getattr(cfg, "copy_paste", 0) and getattr(cfg, "cache", False):
+        raise CLIError("--copy-paste needs --no-cache: pasted pixels change every step, cached features do not")
     for sc in cfg.scales or []:
         if not 32 <= sc <= 4096:
             raise CLIError(f"--scales must be sizes in [32, 4096] px, got {sc}")

@@ -99,6 +99,9 @@ class TrainConfig:
     repeat_factor: float = _key(0.0, flag="value",  # LVIS repeat-factor sampling threshold (sampling.repeat_factors)
                                 help="repeat-factor sampling: images showing a class rarer than this share of the "
                                      "training images are drawn more often (sqrt(t / share)x; e.g. 0.1); 0: uniform")
+    copy_paste: float = _key(0.0, flag="value",  # sampling._UncachedSteps: needs --no-cache (the pixels change)
+                             help="copy-paste augmentation: chance per training image that the pixels of one class "
+                                  "of another image of the same folder are pasted onto it (needs --no-cache; default 0)")
     resume: bool | str = _key(False, flag="resume",  # True: continue OUT/state.pt; a folder: continue that run
                               help="continue from the last checkpoint: of OUT (no value) or of RUN_DIR")
     progress: bool = True

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .pseudo_label import excluded_by
-from ..data.datasets import DatasetError, FolderDataset, Sample, normalize_name
+from ..data.datasets import IGNORE, DatasetError, FolderDataset, Sample, normalize_name
 from ..data.transforms import prepare_training_pair
 from .config import TrainConfig
 
@@ -281,6 +281,8 @@ class _UncachedSteps(torch.utils.data.Dataset):
             d = int(np.searchsorted(self.offsets, i, side="right") - 1)
             s = self.sets[d][i - int(self.offsets[d])]
             x, m = prepare_training_pair(s.image, s.mask, sc, self.mean, self.std)
+            if self.cfg.copy_paste > 0:
+                x, m = self._paste(step, r, d, i - int(self.offsets[d]), x, m, sc)
             if v:
                 x, m = x.flip(-1), m.flip(-1)
             xs.append(x[:, oy * px:(oy + k) * px, ox * px:(ox + k) * px])
@@ -289,6 +291,26 @@ class _UncachedSteps(torch.utils.data.Dataset):
             row[[g for g in self.maps[d] if g >= 0]] = True
             kn.append(row)
         return plan.scale, torch.stack(xs), torch.stack(ms), torch.stack(kn)
+
+    def _paste(self, step: int, row: int, d: int, j: int, x: torch.Tensor, m: torch.Tensor, size: int):
+        """Copy-paste (Ghiasi et al. 2021, simplified to semantic masks): with chance ``cfg.copy_paste``, the pixels
+        of one class of another image of folder ``d`` (prepared at the same size, so at the same place) replace
+        this image's; the mask follows. Same folder only: its classes are known on every one of its images."""
+        rng = step_rng(self.cfg.seed, step, f"paste{row}")
+        n = len(self.sets[d])
+        if n < 2 or rng.random() >= self.cfg.copy_paste:
+            return x, m
+        k = rng.randrange(n - 1)
+        other = self.sets[d][k + (k >= j)]  # any image but this one
+        x2, m2 = prepare_training_pair(other.image, other.mask, size, self.mean, self.std)
+        shown = [int(c) for c in torch.unique(m2) if 0 < int(c) < IGNORE]
+        if not shown:
+            return x, m
+        sel = m2 == shown[rng.randrange(len(shown))]
+        x, m = x.clone(), m.clone()
+        x[:, sel] = x2[:, sel]
+        m[sel] = m2[sel]
+        return x, m
 
 
 def make_step_plan(step: int, cfg: TrainConfig, n: int, scales: list[int], token_stride: int,

@@ -268,6 +268,8 @@ class Trainer:
         self.token_stride = FusionerConfig.from_preset(cfg.preset, enc.strides, enc.channels, 1).token_stride
         multiple = int(getattr(enc, "size_multiple", 32))
         self.scales = sorted(set(cfg.scales or default_scales(cfg.size, multiple)))
+        if cfg.copy_paste > 0 and cfg.cache:
+            raise ValueError("--copy-paste needs --no-cache: pasted pixels change every step, cached features do not")
         for sc in [cfg.size] + self.scales:
             if sc % multiple or sc % self.token_stride:
                 raise ValueError(f"training size and scales must be multiples of {max(multiple, self.token_stride)} "
