@@ -25,6 +25,9 @@ from fusionseg.choices import DECISIONS
 from fusionseg.tiling import PRESENCE_CAP, PRESENCE_PER_NAME, RELATIVE_FRACTION
 
 
+LOSSES = {"bce": "per-class BCE", "bce+dice": "per-class BCE plus soft dice", "focal": "per-class focal loss"}
+
+
 def _pseudo(root: Path) -> bool:
     """A folder written by `fusionseg pseudo-label` (its labels come from a teacher, not from people)."""
     try:
@@ -63,6 +66,8 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--data-root", default=None, help="where the run's dataset folders are now (default: as recorded)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--started-from", default=None,
+                    help="for the card: what the run's --init checkpoint was (default: its recorded path)")
     ap.add_argument("--trained-on", default=None, help="where it was trained, for the card (default: as recorded)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="the shipped \"none of these\" threshold (default: the checkpoint's)")
@@ -117,6 +122,9 @@ def main() -> None:
     meta_out["training"]["data"] = [Path(p).name for p in tr["data"]]
     if a.trained_on:
         meta_out["trained_on"] = a.trained_on
+    if a.started_from:
+        meta_out["started_from"] = a.started_from
+    started_from = meta_out.get("started_from")
     save_checkpoint(DEFAULT_WEIGHTS, model.head, model.image_encoder.spec, model.text_encoder.spec, meta_out, half=True)
     size_mb = DEFAULT_WEIGHTS.stat().st_size / 1e6
     gt_names: list[str] = []
@@ -168,8 +176,8 @@ This card is written by `{command}` from the run's records and its measurements.
   images (seed {cfg['seed']}) kept aside for validation{', and held out: ' + ', '.join(cfg['holdout']) if cfg.get('holdout') else ''}.
   Labelled by people: {', '.join(human)}.{' Pseudo-labelled by a teacher (`fusionseg pseudo-label`): ' + '; '.join(teachers) + '.' if teachers else ''}
 - {tr['steps']} steps, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine), weight decay
-  {cfg['weight_decay']}, per-class BCE at stride {cfg['loss_stride']}, up to {cfg['max_classes']} names per batch,
-  images at {cfg['size']} px (scales {cfg.get('scales') or 'default'}){f", synonyms as names at rate {cfg['synonym_rate']}" if cfg.get('synonym_rate') else ''}{f", started from `{cfg['init']}`" if cfg.get('init') else ''}.
+  {cfg['weight_decay']}, {LOSSES[cfg.get('loss', 'bce')]} at stride {cfg['loss_stride']}, up to {cfg['max_classes']} names per batch,
+  images at {cfg['size']} px (scales {cfg.get('scales') or 'default'}){f", synonyms as names at rate {cfg['synonym_rate']}" if cfg.get('synonym_rate') else ''}{f", copy-paste at rate {cfg['copy_paste']} (one class of another image of the same folder pasted onto a training image)" if cfg.get('copy_paste') else ''}{f", started from {started_from or '`' + str(cfg['init']) + '`'}" if cfg.get('init') else ''}.
 - Runs at a working size of {meta.get('image_size', cfg['size'])} px (longer side; `--size` changes it).
 - Wall time: {tr["wall_seconds"]:.0f} s on {meta_out.get("trained_on", meta.get("trained_on", "the machine noted in the issue"))}.
 
