@@ -162,6 +162,9 @@ TRAIN_FLAGS = [
     ("--repeat-factor", "repeat_factor", "store", float, None, None, None, None,
      "repeat-factor sampling: images showing a class rarer than this share of the training images are drawn more "
      "often (sqrt(t / share)x; e.g. 0.1); 0: uniform"),
+    ("--copy-paste", "copy_paste", "store", float, None, None, None, None,
+     "copy-paste augmentation: chance per training image that the pixels of one class of another image of the same "
+     "folder are pasted onto it (needs --no-cache; default 0)"),
     ("--resume", "resume", "store", None, "?", True, None, "RUN_DIR",
      "continue from the last checkpoint: of OUT (no value) or of RUN_DIR"),
     ("--overwrite", "overwrite", "store_true", None, 0, True, None, None,
