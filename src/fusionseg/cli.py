@@ -380,7 +380,9 @@ def _check_train_config(cfg, a: argparse.Namespace) -> None:
     c = argparse.Namespace(**{k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "size", "val_fraction",
                                                            "checkpoint_every", "workers", "fold", "name_dropout",
                                                            "max_classes", "warmup", "weight_decay", "clip_grad",
-                                                           "shard_size", "log_every", "seed")})
+                                                           "shard_size", "log_every", "seed")},
+                           **{k: getattr(cfg, k, None) for k in ("copy_paste", "repeat_factor", "synonym_rate",
+                                                                 "dice_weight", "focal_gamma")})
     c.threads = a.threads
     _check_number(c, "steps", 1)
     _check_number(c, "batch_size", 1)
@@ -399,11 +401,14 @@ def _check_train_config(cfg, a: argparse.Namespace) -> None:
     _check_number(c, "log_every", 1)
     _check_number(c, "seed", 0)
     _check_number(c, "threads", 0, 1024)
-    for key, hi in (("copy_paste", 1.0), ("repeat_factor", 1.0), ("synonym_rate", 1.0), ("dice_weight", None),
-                    ("focal_gamma", None)):
-        _check_number(argparse.Namespace(**{key: getattr(cfg, key, None)}), key, 0.0, hi)
-    if getattr(cfg, "copy_paste", 0) and getattr(cfg, "cache", False):
-        raise CLIError("--copy-paste needs --no-cache: pasted pixels change every step, cached features do not")
+    _check_number(c, "copy_paste", 0.0, 1.0)
+    _check_number(c, "repeat_factor", 0.0, 1.0)
+    _check_number(c, "synonym_rate", 0.0, 1.0)
+    _check_number(c, "dice_weight", 0.0)
+    _check_number(c, "focal_gamma", 0.0)
+    if c.copy_paste and getattr(cfg, "cache", False):
+        from .engine.config import COPY_PASTE_NEEDS_NO_CACHE
+        raise CLIError(COPY_PASTE_NEEDS_NO_CACHE)
     for sc in cfg.scales or []:
         if not 32 <= sc <= 4096:
             raise CLIError(f"--scales must be sizes in [32, 4096] px, got {sc}")

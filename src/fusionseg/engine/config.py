@@ -107,6 +107,9 @@ class TrainConfig:
     progress: bool = True
 
 
+#: Copy-paste changes the pixels every step; cached features cannot follow (refused by the CLI and the Trainer).
+COPY_PASTE_NEEDS_NO_CACHE = "--copy-paste needs --no-cache: pasted pixels change every step, cached features do not"
+
 #: Keys that may differ between a run and its resumption (where and how it runs, not what it learns).
 RUNTIME_KEYS = frozenset({"out", "resume", "progress", "device", "cache_dir", "checkpoint_every", "steps",
                           "workers", "compile", "log_every", "shard_size", "cache"})
@@ -134,6 +137,9 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "resume":
         return value if isinstance(value, (bool, str)) else str(value)
     t = base[0]
+    choices = TrainConfig.__dataclass_fields__[key].metadata.get("choices")
+    if t is str and choices is not None and not isinstance(value, (dict, list)) and str(value) not in choices:
+        raise ValueError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}")
     origin = typing.get_origin(t)
     try:
         if origin is list:
@@ -162,14 +168,8 @@ def _coerce(key: str, value: Any) -> Any:
         if t is str:
             if isinstance(value, (dict, list)):
                 raise TypeError
-            choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(TrainConfig)}[key]
-            if choices is not None and str(value) not in choices:
-                raise ValueError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}")
             return str(value)
-    except ValueError as e:
-        if str(e).startswith("config key"):
-            raise
-    except TypeError:
+    except (TypeError, ValueError):
         pass
     raise ValueError(f"config key '{key}' must be {getattr(hint, '__name__', None) or str(hint)}, got {value!r}")
 

@@ -33,7 +33,7 @@ from ..data.features import RowTable, cache_features, cached_text_embeddings
 from ..encoders.base import EncoderError
 from ..encoders.templates import resolve_templates
 from ..model.fusioner import FusionerConfig, FusionHead
-from .config import TrainConfig, config_differences, dump_config
+from .config import COPY_PASTE_NEEDS_NO_CACHE, TrainConfig, config_differences, dump_config
 from .distributed import Dist, wrap_for_training
 from .encoders import build_encoder_for_training, with_offline_hint
 from .metrics import SemanticMeter, semantic_scores
@@ -269,7 +269,7 @@ class Trainer:
         multiple = int(getattr(enc, "size_multiple", 32))
         self.scales = sorted(set(cfg.scales or default_scales(cfg.size, multiple)))
         if cfg.copy_paste > 0 and cfg.cache:
-            raise ValueError("--copy-paste needs --no-cache: pasted pixels change every step, cached features do not")
+            raise ValueError(COPY_PASTE_NEEDS_NO_CACHE)
         for sc in [cfg.size] + self.scales:
             if sc % multiple or sc % self.token_stride:
                 raise ValueError(f"training size and scales must be multiples of {max(multiple, self.token_stride)} "
