@@ -29,7 +29,8 @@ BEGIN, END = "<!-- decision:begin -->", "<!-- decision:end -->"
 DATASETS = ("coco2017_mini", "coco128_seg")
 RULES = [("threshold", 0.2, None, None), ("threshold", 0.3, None, None), ("threshold", 0.5, None, None),
          ("relative", 0.3, 0.005, "per name"), ("relative", 0.3, 0.01, "per name"), ("relative", 0.3, 0.02, "per name"),
-         ("relative", 0.5, 0.01, "per name"), ("relative", 0.3, 0.02, "fixed"), ("relative", 0.3, 0.05, "fixed"),
+         ("relative", 0.2, 0.01, "per name"), ("relative", 0.5, 0.01, "per name"), ("relative", 0.3, 0.02, "fixed"),
+         ("relative", 0.3, 0.05, "fixed"),
          ("relative", 0.3, 0.3, "fixed")]
 
 

@@ -33,7 +33,10 @@ def parse_row(spec: str) -> tuple[str, str, str, float | None, str | None]:
     parts = rest.split(":")
     model = parts[0]
     mode = parts[1] if len(parts) > 1 and parts[1] else "auto"
-    thr = float(parts[2]) if len(parts) > 2 and parts[2] else None
+    try:
+        thr = float(parts[2]) if len(parts) > 2 and parts[2] else None
+    except ValueError:
+        raise SystemExit(f"--row {spec!r}: THRESHOLD must be a number or empty (the model's), got {parts[2]!r}")
     decision = parts[3] if len(parts) > 3 and parts[3] else None
     return label.strip(), model, mode, thr, decision
 

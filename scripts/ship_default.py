@@ -28,6 +28,17 @@ from fusionseg.tiling import PRESENCE_CAP, PRESENCE_PER_NAME, RELATIVE_FRACTION
 LOSSES = {"bce": "per-class BCE", "bce+dice": "per-class BCE plus soft dice", "focal": "per-class focal loss"}
 
 
+
+def _copy_paste(cfg: dict) -> str:
+    """The card's words for the run's copy-paste settings ('' without copy-paste)."""
+    if not cfg.get("copy_paste"):
+        return ""
+    what = ("a class of the folder drawn first, then another image showing it" if cfg.get("copy_paste_by") == "class"
+            else "one class of another image of the same folder")
+    j = cfg.get("copy_paste_jitter") or 0
+    where = (f", rescaled by up to {1 + j:g}x either way and put at a random place" if j else "")
+    return f", copy-paste at rate {cfg['copy_paste']} ({what} pasted onto a training image{where})"
+
 def _pseudo(root: Path) -> bool:
     """A folder written by `fusionseg pseudo-label` (its labels come from a teacher, not from people)."""
     try:
@@ -177,7 +188,7 @@ This card is written by `{command}` from the run's records and its measurements.
   Labelled by people: {', '.join(human)}.{' Pseudo-labelled by a teacher (`fusionseg pseudo-label`): ' + '; '.join(teachers) + '.' if teachers else ''}
 - {tr['steps']} steps, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine), weight decay
   {cfg['weight_decay']}, {LOSSES[cfg.get('loss', 'bce')]} at stride {cfg['loss_stride']}, up to {cfg['max_classes']} names per batch,
-  images at {cfg['size']} px (scales {cfg.get('scales') or 'default'}){f", synonyms as names at rate {cfg['synonym_rate']}" if cfg.get('synonym_rate') else ''}{f", copy-paste at rate {cfg['copy_paste']} (one class of another image of the same folder pasted onto a training image)" if cfg.get('copy_paste') else ''}{f", started from {started_from or '`' + str(cfg['init']) + '`'}" if cfg.get('init') else ''}.
+  images at {cfg['size']} px (scales {cfg.get('scales') or 'default'}){f", synonyms as names at rate {cfg['synonym_rate']}" if cfg.get('synonym_rate') else ''}{_copy_paste(cfg)}{f", started from {started_from or '`' + str(cfg['init']) + '`'}" if cfg.get('init') else ''}.
 - Runs at a working size of {meta.get('image_size', cfg['size'])} px (longer side; `--size` changes it).
 - Wall time: {tr["wall_seconds"]:.0f} s on {meta_out.get("trained_on", meta.get("trained_on", "the machine noted in the issue"))}.
 

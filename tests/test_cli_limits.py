@@ -201,6 +201,8 @@ BAD = [  # (argv with {img}/{ds}/{out} placeholders, words the one line must hol
     ("train --data {ds} --out {out} --seed -1", "--seed"),
     ("train --data {ds} --out {out} --copy-paste 0.5", "--copy-paste needs --no-cache"),
     ("train --data {ds} --out {out} --no-cache --copy-paste 1.5", "--copy-paste"),
+    ("train --data {ds} --out {out} --no-cache --copy-paste 0.5 --copy-paste-jitter -1", "--copy-paste-jitter"),
+    ("train --data {ds} --out {out} --no-cache --copy-paste 0.5 --copy-paste-by rare", "--copy-paste-by"),
     ("train --data {ds} --out {out} --repeat-factor -1", "--repeat-factor"),
     ("train --data {ds} --out {out} --loss dice", "--loss"),
     ("train --data {ds} --out {out} --set dice_weight=-1", "--dice-weight"),

@@ -165,6 +165,12 @@ TRAIN_FLAGS = [
     ("--copy-paste", "copy_paste", "store", float, None, None, None, None,
      "copy-paste augmentation: chance per training image that the pixels of one class of another image of the same "
      "folder are pasted onto it (needs --no-cache; default 0)"),
+    ("--copy-paste-by", "copy_paste_by", "store", None, None, None, ["image", "class"], None,
+     "what copy-paste draws first: another image, then one of its classes (image), or a class of the folder, then an "
+     "image showing it, so rare classes are pasted as often as common ones (class); default image"),
+    ("--copy-paste-jitter", "copy_paste_jitter", "store", float, None, None, None, None,
+     "copy-paste scale jitter J: the pasted class is rescaled by a factor drawn log-uniformly in [1/(1+J), 1+J] and "
+     "put at a random place (default 0: same size, same place)"),
     ("--resume", "resume", "store", None, "?", True, None, "RUN_DIR",
      "continue from the last checkpoint: of OUT (no value) or of RUN_DIR"),
     ("--overwrite", "overwrite", "store_true", None, 0, True, None, None,

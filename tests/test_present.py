@@ -42,6 +42,33 @@ def test_present_names_only_and_labels_mapped_back(shapes_dataset):
     # the per-image counting: each image's own (square IoU + 0) / 2, averaged over images
     per = [float((ds[i].mask == 1).sum()) / float(((ds[i].mask == 1) | (ds[i].mask == 2)).sum()) / 2 for i in range(4)]
     assert rep["mean_image_miou"] == pytest.approx(np.mean(per), abs=1e-4)
+    # where the pixels went: every disc pixel was given "square", none left unlabelled
+    assert rep["errors"]["disc"] == {"missed": 0.0, "confused": 1.0, "confused_with": "square"}
+    assert rep["errors"]["square"] == {"missed": 0.0, "confused": 0.0, "confused_with": None}
+    assert rep["low_iou_pixels"] == {"missed": 0.0, "confused": 1.0}
+
+
+def test_pixel_errors_split_missed_from_confused():
+    import torch
+    from fusionseg.engine.evaluate import _table, pixel_errors
+    # rows: truth (0 none, 1 cat, 2 dog, 3 car), columns: prediction
+    cm = torch.tensor([[50, 1, 0, 0],
+                       [6, 10, 4, 0],   # cat: 6 missed, 4 taken by dog
+                       [0, 1, 9, 0],    # dog: 1 taken by cat
+                       [0, 0, 0, 0]])   # car: no pixels
+    err, low = pixel_errors(cm, ["cat", "dog", "car"], low=["cat"])
+    assert err["cat"] == {"missed": 0.3, "confused": 0.2, "confused_with": "dog"}
+    assert err["dog"] == {"missed": 0.0, "confused": 0.1, "confused_with": "cat"}
+    assert "car" not in err
+    assert low == {"missed": 0.3, "confused": 0.2}
+    err2, low2 = pixel_errors(cm, ["cat", "dog", "car"], low=["cat", "dog"])
+    assert low2 == {"missed": pytest.approx(6 / 30, abs=1e-4), "confused": pytest.approx(5 / 30, abs=1e-4)}
+    assert pixel_errors(cm, ["cat", "dog", "car"])[1] is None
+    rep = {"protocol": "present", "per_class": {"cat": 0.5, "dog": 0.8, "car": None}, "miou": 0.65,
+           "errors": err, "low_iou_pixels": low, "low_iou": 0.05, "low_iou_classes": [], "classes_evaluated": 2}
+    t = _table(rep)
+    assert "| cat | 0.500 | 0.30 | 0.20 (dog) |" in t and "| car | n/a | | |" in t
+    assert "missed / given another class | 0.30 / 0.20 |" in t
 
 
 def test_heldout_subset_recomputes_the_recorded_validation_split(shapes_dataset):

@@ -382,7 +382,7 @@ def _check_train_config(cfg, a: argparse.Namespace) -> None:
                                                            "max_classes", "warmup", "weight_decay", "clip_grad",
                                                            "shard_size", "log_every", "seed")},
                            **{k: getattr(cfg, k, None) for k in ("copy_paste", "repeat_factor", "synonym_rate",
-                                                                 "dice_weight", "focal_gamma")})
+                                                                 "dice_weight", "focal_gamma", "copy_paste_jitter")})
     c.threads = a.threads
     _check_number(c, "steps", 1)
     _check_number(c, "batch_size", 1)
@@ -406,6 +406,7 @@ def _check_train_config(cfg, a: argparse.Namespace) -> None:
     _check_number(c, "synonym_rate", 0.0, 1.0)
     _check_number(c, "dice_weight", 0.0)
     _check_number(c, "focal_gamma", 0.0)
+    _check_number(c, "copy_paste_jitter", 0.0, 10.0)
     if c.copy_paste and getattr(cfg, "cache", False):
         from .engine.config import COPY_PASTE_NEEDS_NO_CACHE
         raise CLIError(COPY_PASTE_NEEDS_NO_CACHE)

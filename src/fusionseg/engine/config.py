@@ -102,6 +102,14 @@ class TrainConfig:
     copy_paste: float = _key(0.0, flag="value",  # sampling._UncachedSteps: needs --no-cache (the pixels change)
                              help="copy-paste augmentation: chance per training image that the pixels of one class "
                                   "of another image of the same folder are pasted onto it (needs --no-cache; default 0)")
+    copy_paste_by: str = _key("image", flag="value", choices=["image", "class"],  # sampling._UncachedSteps._paste
+                              help="what copy-paste draws first: another image, then one of its classes (image), or "
+                                   "a class of the folder, then an image showing it, so rare classes are pasted as "
+                                   "often as common ones (class); default image")
+    copy_paste_jitter: float = _key(0.0, flag="value",  # sampling.jitter_paste: scale and place the pasted class
+                                    help="copy-paste scale jitter J: the pasted class is rescaled by a factor drawn "
+                                         "log-uniformly in [1/(1+J), 1+J] and put at a random place (default 0: "
+                                         "same size, same place)")
     resume: bool | str = _key(False, flag="resume",  # True: continue OUT/state.pt; a folder: continue that run
                               help="continue from the last checkpoint: of OUT (no value) or of RUN_DIR")
     progress: bool = True

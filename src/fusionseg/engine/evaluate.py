@@ -71,11 +71,41 @@ def evaluate_present(segmenter, dataset, threshold: float | None = None, backgro
     r = semantic_scores(meter.cm, names)
     per_class = r["per_class"]
     vals = [v for v in per_class.values() if v is not None]
+    low = sorted(k for k, v in per_class.items() if v is not None and v < low_iou)
+    errors, low_share = pixel_errors(meter.cm, names, low)
     return {"protocol": "present", "miou": r["miou"], "pixel_accuracy": r["pixel_accuracy"],
             "mean_image_miou": round(float(np.mean(image_ious)), 4) if image_ious else None, "per_class": per_class,
-            "images": n, "classes_evaluated": len(vals), "low_iou": low_iou,
-            "low_iou_classes": sorted(k for k, v in per_class.items() if v is not None and v < low_iou),
+            "images": n, "classes_evaluated": len(vals), "low_iou": low_iou, "low_iou_classes": low,
+            "errors": errors, "low_iou_pixels": low_share,
             "argmax": bool(background), "seconds": round(time.time() - t0, 1)}
+
+
+def pixel_errors(cm: torch.Tensor, names: Sequence[str], low: Sequence[str] = ()) -> tuple[dict, dict | None]:
+    """Where each class's ground-truth pixels went, from a confusion matrix ``cm[truth, prediction]`` whose index 0
+    is "no class": per class with pixels, the shares ``missed`` (left unlabelled), ``confused`` (given another
+    class) and ``confused_with`` (the other class that took most; None when none did); and the same two shares over
+    the pixels of the classes ``low`` together (None without them): is a weak class unseen, or taken by a
+    neighbour?"""
+    c = cm.double()
+    out: dict = {}
+    tot = {"pixels": 0.0, "missed": 0.0, "confused": 0.0}
+    for k, name in enumerate(names, start=1):
+        row = c[k]
+        n = float(row.sum())
+        if n == 0:
+            continue
+        other = row.clone()
+        other[0] = other[k] = 0
+        j = int(other.argmax())
+        out[name] = {"missed": round(float(row[0]) / n, 4), "confused": round(float(other.sum()) / n, 4),
+                     "confused_with": names[j - 1] if other[j] > 0 else None}
+        if name in low:
+            tot["pixels"] += n
+            tot["missed"] += float(row[0])
+            tot["confused"] += float(other.sum())
+    share = ({"missed": round(tot["missed"] / tot["pixels"], 4), "confused": round(tot["confused"] / tot["pixels"], 4)}
+             if tot["pixels"] else None)
+    return out, share
 
 
 def heldout_subset(dataset, meta: dict):
@@ -163,9 +193,19 @@ def evaluate_episodes(segmenter, dataset, classes: Sequence[int] | None = None, 
 def _table(rep: dict) -> str:
     if rep.get("protocol") == "novel-names":
         return _novel_table(rep)
-    lines = ["| class | IoU |", "|---|---|"]
+    err = rep.get("errors")
+    lines = ["| class | IoU | missed | given another class (most to) |", "|---|---|---|---|"] if err is not None \
+        else ["| class | IoU |", "|---|---|"]
     for n, v in rep["per_class"].items():
-        lines.append(f"| {n} | {'n/a' if v is None else f'{v:.3f}'} |")
+        iou = 'n/a' if v is None else f'{v:.3f}'
+        if err is None:
+            lines.append(f"| {n} | {iou} |")
+        elif n in err:
+            e = err[n]
+            to = f" ({e['confused_with']})" if e["confused_with"] else ""
+            lines.append(f"| {n} | {iou} | {e['missed']:.2f} | {e['confused']:.2f}{to} |")
+        else:
+            lines.append(f"| {n} | {iou} | | |")
     lines.append(f"| **mean (mIoU)** | **{rep['miou']:.3f}** |" if rep.get("miou") is not None else "| mean | n/a |")
     if "fbiou" in rep:
         lines.append(f"| FB-IoU | {rep['fbiou']:.3f} |")
@@ -174,6 +214,9 @@ def _table(rep: dict) -> str:
     if "low_iou_classes" in rep:
         lines.append(f"| classes below IoU {rep['low_iou']} | {len(rep['low_iou_classes'])} of "
                      f"{rep['classes_evaluated']} |")
+    if rep.get("low_iou_pixels"):
+        lp = rep["low_iou_pixels"]
+        lines.append(f"| their pixels: missed / given another class | {lp['missed']:.2f} / {lp['confused']:.2f} |")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .pseudo_label import excluded_by
 from ..data.datasets import IGNORE, DatasetError, FolderDataset, Sample, normalize_name
@@ -146,6 +147,19 @@ def repeat_factors(names: Sequence[set[int]], threshold: float) -> list[float]:
     return [max([1.0] + [rc[g] for g in shown]) for shown in names]
 
 
+def paste_classes(names: Sequence[set[int]], lmap: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """For class-first copy-paste in one folder: per class its images show (``names``: vocabulary ids per image of
+    the folder, as :func:`image_names` gives them; ``lmap``: the folder's mask value - 1 -> vocabulary id), the
+    mask value and the indices of the images showing it, in mask-value order. Excluded classes (id -1) never
+    appear in ``names``, so they are never pasted."""
+    local = {g: k for k, g in enumerate(lmap, start=1) if g >= 0}
+    imgs: dict[int, list[int]] = {}
+    for i, shown in enumerate(names):
+        for g in shown:
+            imgs.setdefault(local[g], []).append(i)
+    return sorted(imgs.items())
+
+
 def build_vocabulary(datasets: Sequence, exclude: Sequence[str] = ()) -> tuple[list[str], list[list[int]], list[str]]:
     """Global vocabulary (normalised names, first spelling kept) and, per dataset, local index -> global index
     (-1 for excluded). Returns (vocab, maps, excluded names that no dataset has)."""
@@ -261,12 +275,20 @@ class _UncachedSteps(torch.utils.data.Dataset):
     cache does, flipped for view 1, then cropped: the same crops the cached path takes on the feature grid."""
 
     def __init__(self, sets: list, maps: list, n_vocab: int, scales: list[int], cfg: TrainConfig, token_stride: int,
-                 mean, std, rows: Sequence[int], cum_weights: Sequence[float] | None = None):
+                 mean, std, rows: Sequence[int], cum_weights: Sequence[float] | None = None,
+                 names: Sequence[set[int]] | None = None):
         self.sets, self.maps, self.n_vocab = sets, maps, n_vocab
         self.cum_weights = cum_weights
         self.scales, self.cfg, self.ts, self.mean, self.std = scales, cfg, token_stride, mean, std
         self.rows = list(rows)
         self.offsets = np.cumsum([0] + [len(s) for s in sets])
+        #: per folder, (mask value, the folder's image indices showing it) for class-first copy-paste
+        self.by_class: list[list[tuple[int, list[int]]]] | None = None
+        if cfg.copy_paste > 0 and cfg.copy_paste_by == "class":
+            if names is None:
+                raise ValueError("--copy-paste-by class needs training sets whose masks can be read by image id")
+            self.by_class = [paste_classes(names[int(self.offsets[d]):int(self.offsets[d + 1])], maps[d])
+                             for d in range(len(sets))]
 
     def __len__(self) -> int:
         return self.cfg.steps
@@ -300,17 +322,57 @@ class _UncachedSteps(torch.utils.data.Dataset):
         n = len(self.sets[d])
         if n < 2 or rng.random() >= self.cfg.copy_paste:
             return x, m
-        k = rng.randrange(n - 1)
-        other = self.sets[d][k + (k >= j)]  # any image but this one
-        x2, m2 = prepare_training_pair(other.image, other.mask, size, self.mean, self.std)
-        shown = [int(c) for c in torch.unique(m2) if 0 < int(c) < IGNORE]
-        if not shown:
+        if self.by_class is not None:  # a class of the folder first, then an image (not this one) showing it
+            pool = self.by_class[d]
+            if not pool:
+                return x, m
+            value, imgs = pool[rng.randrange(len(pool))]
+            cands = [t for t in imgs if t != j]
+            if not cands:
+                return x, m
+            other = self.sets[d][cands[rng.randrange(len(cands))]]
+            x2, m2 = prepare_training_pair(other.image, other.mask, size, self.mean, self.std)
+        else:
+            k = rng.randrange(n - 1)
+            other = self.sets[d][k + (k >= j)]  # any image but this one
+            x2, m2 = prepare_training_pair(other.image, other.mask, size, self.mean, self.std)
+            shown = [int(c) for c in torch.unique(m2) if 0 < int(c) < IGNORE]
+            if not shown:
+                return x, m
+            value = shown[rng.randrange(len(shown))]
+        sel = m2 == value
+        if self.cfg.copy_paste_jitter > 0:
+            x2, sel = jitter_paste(rng, x2, sel, m != IGNORE, self.cfg.copy_paste_jitter)
+        if not sel.any():
             return x, m
-        sel = m2 == shown[rng.randrange(len(shown))]
         x, m = x.clone(), m.clone()
         x[:, sel] = x2[:, sel]
-        m[sel] = m2[sel]
+        m[sel] = value
         return x, m
+
+
+def jitter_paste(rng: random.Random, x: torch.Tensor, sel: torch.Tensor, valid: torch.Tensor,
+                 jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale jitter for copy-paste (the large-scale jittering of Ghiasi et al. 2021, on the pasted class only):
+    the box around ``sel`` (the class's pixels of image ``x``) is resized by a factor drawn log-uniformly in
+    [1/(1+jitter), 1+jitter] (shrunk further if it would not fit) and put at a uniformly random place inside the
+    box of ``valid`` (the target image's pixels that are not padding). -> (pixels, where they go), both full size."""
+    ys, xs = torch.nonzero(sel, as_tuple=True)
+    vy, vx = torch.nonzero(valid, as_tuple=True)
+    if len(ys) == 0 or len(vy) == 0:
+        return x, torch.zeros_like(sel)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    ty0, ty1, tx0, tx1 = int(vy.min()), int(vy.max()) + 1, int(vx.min()), int(vx.max()) + 1
+    f = math.exp(rng.uniform(-math.log1p(jitter), math.log1p(jitter)))
+    f = min(f, (ty1 - ty0) / (y1 - y0), (tx1 - tx0) / (x1 - x0))
+    nh, nw = max(1, round((y1 - y0) * f)), max(1, round((x1 - x0) * f))
+    px = F.interpolate(x[None, :, y0:y1, x0:x1], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    ps = F.interpolate(sel[None, None, y0:y1, x0:x1].float(), size=(nh, nw), mode="nearest")[0, 0] > 0.5
+    oy, ox = ty0 + rng.randrange(ty1 - ty0 - nh + 1), tx0 + rng.randrange(tx1 - tx0 - nw + 1)
+    out_x, out_sel = torch.zeros_like(x), torch.zeros_like(sel)
+    out_x[:, oy:oy + nh, ox:ox + nw] = px
+    out_sel[oy:oy + nh, ox:ox + nw] = ps
+    return out_x, out_sel
 
 
 def make_step_plan(step: int, cfg: TrainConfig, n: int, scales: list[int], token_stride: int,

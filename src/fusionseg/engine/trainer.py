@@ -246,7 +246,7 @@ class Trainer:
         self.maps = [maps[datasets.index(ds)] for ds, _ in train_sets]  # per training set: local -> global id
         self.train_sets = [t for _, t in train_sets]
         self.n_train = sum(len(t) for t in self.train_sets)
-        shown = image_names(self.train_sets, self.maps)
+        self.shown = shown = image_names(self.train_sets, self.maps)
         self.support = name_support(self.train_sets, self.maps, len(self.vocab), shown)
         self.cum_weights = None  # uniform image sampling
         if cfg.repeat_factor > 0:
@@ -496,7 +496,8 @@ class Trainer:
         self.loader = None
         if not cfg.cache:
             data = _UncachedSteps(self.train_sets, self.maps, len(self.vocab), self.scales, cfg, self.token_stride,
-                                  self.image_encoder.mean, self.image_encoder.std, self.rows, self.cum_weights)
+                                  self.image_encoder.mean, self.image_encoder.std, self.rows, self.cum_weights,
+                                  self.shown)
             self.loader = iter(torch.utils.data.DataLoader(
                 data, batch_size=None, sampler=range(self.start, cfg.steps), num_workers=cfg.workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=False,
