@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..choices import PROTOCOLS, SPLITS
 from ..data.datasets import IGNORE
-from .metrics import SemanticMeter, semantic_scores
+from .metrics import SemanticMeter, confusion_matrix, semantic_scores
 
 
 def evaluate_semantic(segmenter, dataset, class_names: Sequence[str] | None = None, background: bool | None = None,
@@ -41,12 +41,14 @@ def evaluate_semantic(segmenter, dataset, class_names: Sequence[str] | None = No
 
 
 def evaluate_present(segmenter, dataset, threshold: float | None = None, background: bool | None = None,
-                     progress: bool = True, max_images: int | None = None, low_iou: float = 0.05) -> dict:
+                     progress: bool = True, max_images: int | None = None, low_iou: float = 0.05,
+                     image_cms: list | None = None) -> dict:
     """The user's protocol: each image is segmented with exactly the classes its ground truth shows (what a
     person does who names what is in the photo), and the label maps are accumulated in one confusion matrix
     over the dataset's classes. ``miou`` is the mean over classes present in some image; ``low_iou_classes``
     lists those below ``low_iou``; ``mean_image_miou`` is the other common counting, the mean over images of
-    each image's mIoU over its own classes (higher where big regions dominate, as on MSRC). ``background`` as in :func:`evaluate_semantic` (default from the dataset)."""
+    each image's mIoU over its own classes (higher where big regions dominate, as on MSRC). ``background`` as in :func:`evaluate_semantic` (default from the dataset).
+    ``image_cms``: a list that receives each image's own confusion matrix (for resampling over images)."""
     names = list(dataset.class_names)
     if background is None:
         background = bool(getattr(dataset, "every_pixel_labelled", False))
@@ -65,6 +67,8 @@ def evaluate_present(segmenter, dataset, threshold: float | None = None, backgro
         lut[1:] = present  # label k of this image's prediction -> the dataset's class index
         p, g = lut[pred.labels.astype(np.int64)], s.mask.astype(np.int64)
         meter.update(torch.from_numpy(p), torch.from_numpy(g))
+        if image_cms is not None:
+            image_cms.append(confusion_matrix(torch.from_numpy(p), torch.from_numpy(g), len(names) + 1, IGNORE))
         ok = g != IGNORE
         image_ious.append(float(np.mean([((p == c) & (g == c) & ok).sum() / max(1, (((p == c) | (g == c)) & ok).sum())
                                          for c in present])))

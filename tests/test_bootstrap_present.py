@@ -1,0 +1,37 @@
+"""scripts/bootstrap_present.py: a paired bootstrap over images of the present-names mIoU."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bootstrap_present import miou_of, paired_bootstrap  # noqa: E402
+
+
+def _cm(tp, fp, fn):
+    """A 2-label matrix (0: none, 1: the class) with the given counts."""
+    return np.array([[0, fp], [fn, tp]], np.int64)
+
+
+def test_miou_of_leaves_out_none_and_empty_classes():
+    cm = np.array([[9, 1, 0], [2, 6, 0], [0, 0, 0]])
+    assert miou_of(cm) == pytest.approx(6 / (6 + 1 + 2))  # class 2 has no union: left out
+    assert np.isnan(miou_of(np.zeros((3, 3), np.int64)))
+
+
+def test_paired_resamples_score_every_model_on_the_same_images():
+    # model B is model A plus 10 true-positive pixels on every image: B beats A on every resample
+    a = np.stack([_cm(10 + i, 5, 5) for i in range(8)])
+    b = a.copy()
+    b[:, 1, 1] += 10
+    boot = paired_bootstrap([a, b], samples=200, seed=1)
+    assert boot.shape == (200, 2)
+    assert (boot[:, 1] > boot[:, 0]).all()
+    # the full sample's mIoU lies inside the spread of the resamples, which is not a single value
+    full = miou_of(a.sum(0))
+    assert boot[:, 0].min() <= full <= boot[:, 0].max() and boot[:, 0].std() > 0
+    # identical models: zero difference on every resample
+    assert np.allclose(paired_bootstrap([a, a.copy()], 50)[:, 1], paired_bootstrap([a, a.copy()], 50)[:, 0])
+    with pytest.raises(ValueError, match="same images"):
+        paired_bootstrap([a, a[:5]], 10)
