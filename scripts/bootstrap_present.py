@@ -38,10 +38,8 @@ def image_matrices(model: str, data: str, size: int | None, decision: str | None
 
 def miou_of(cm: np.ndarray) -> float:
     """Mean IoU over the classes (row 0, "none", left out) with a non-empty union, as ``semantic_scores``."""
-    tp = np.diag(cm).astype(np.float64)
-    union = cm.sum(0) + cm.sum(1) - tp
-    ok = union[1:] > 0
-    return float(np.mean(tp[1:][ok] / union[1:][ok])) if ok.any() else float("nan")
+    from fusionseg.engine.metrics import miou
+    return miou(torch.from_numpy(cm), range(1, cm.shape[0]))
 
 
 def paired_bootstrap(stacks: list[np.ndarray], samples: int, seed: int = 0) -> np.ndarray:

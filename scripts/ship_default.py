@@ -39,6 +39,7 @@ def _copy_paste(cfg: dict) -> str:
     where = (f", rescaled by up to {1 + j:g}x either way and put at a random place" if j else "")
     return f", copy-paste at rate {cfg['copy_paste']} ({what} pasted onto a training image{where})"
 
+
 def _pseudo(root: Path) -> bool:
     """A folder written by `fusionseg pseudo-label` (its labels come from a teacher, not from people)."""
     try:

@@ -66,9 +66,10 @@ def evaluate_present(segmenter, dataset, threshold: float | None = None, backgro
         lut = np.zeros(len(present) + 1, np.int64)
         lut[1:] = present  # label k of this image's prediction -> the dataset's class index
         p, g = lut[pred.labels.astype(np.int64)], s.mask.astype(np.int64)
-        meter.update(torch.from_numpy(p), torch.from_numpy(g))
+        cm = confusion_matrix(torch.from_numpy(p), torch.from_numpy(g), len(names) + 1, IGNORE)
+        meter.cm += cm
         if image_cms is not None:
-            image_cms.append(confusion_matrix(torch.from_numpy(p), torch.from_numpy(g), len(names) + 1, IGNORE))
+            image_cms.append(cm)
         ok = g != IGNORE
         image_ious.append(float(np.mean([((p == c) & (g == c) & ok).sum() / max(1, (((p == c) | (g == c)) & ok).sum())
                                          for c in present])))

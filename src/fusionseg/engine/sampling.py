@@ -331,11 +331,11 @@ class _UncachedSteps(torch.utils.data.Dataset):
             if not cands:
                 return x, m
             other = self.sets[d][cands[rng.randrange(len(cands))]]
-            x2, m2 = prepare_training_pair(other.image, other.mask, size, self.mean, self.std)
         else:
             k = rng.randrange(n - 1)
-            other = self.sets[d][k + (k >= j)]  # any image but this one
-            x2, m2 = prepare_training_pair(other.image, other.mask, size, self.mean, self.std)
+            other, value = self.sets[d][k + (k >= j)], None  # any image but this one; a class it shows, below
+        x2, m2 = prepare_training_pair(other.image, other.mask, size, self.mean, self.std)
+        if value is None:
             shown = [int(c) for c in torch.unique(m2) if 0 < int(c) < IGNORE]
             if not shown:
                 return x, m
