@@ -9,8 +9,8 @@ Usage:
   python scripts/everyday_study.py --row "today (auto)=default" --row "today, bridge=default:bridge" \\
       --row "self-trained=runs/st/final.safetensors" --data-root ../shared/data \\
       --json docs/bench/everyday.json --results docs/RESULTS.md
-A row is ``LABEL=MODEL[:MODE[:THRESHOLD[:DECISION]]]`` (DECISION: threshold or relative; default the model's);
-MODEL ``default@REV`` is the default model shipped at git revision REV
+A row is ``LABEL=MODEL[:MODE[:THRESHOLD[:DECISION[:TTA]]]]`` (DECISION: threshold or relative; default the
+model's; TTA: test-time scales, ``+flip`` to mirror too, e.g. ``1,1.4+flip``; default none); MODEL ``default@REV`` is the default model shipped at git revision REV
 (read with ``git show``), so rows of earlier defaults stay reproducible.
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ BRIEF_BEGIN, BRIEF_END = "<!-- everyday-brief:begin -->", "<!-- everyday-brief:e
 DATASETS = ("coco2017_mini", "coco128_seg", "msrc_v2", "camvid", "weizmann_horse")
 
 
-def parse_row(spec: str) -> tuple[str, str, str, float | None, str | None]:
+def parse_row(spec: str) -> tuple[str, str, str, float | None, str | None, str | None]:
     label, sep, rest = spec.partition("=")
     if not sep or not label.strip() or not rest.strip():
-        raise SystemExit(f"--row {spec!r}: expected LABEL=MODEL[:MODE[:THRESHOLD[:DECISION]]]")
+        raise SystemExit(f"--row {spec!r}: expected LABEL=MODEL[:MODE[:THRESHOLD[:DECISION[:TTA]]]]")
     parts = rest.split(":")
     model = parts[0]
     mode = parts[1] if len(parts) > 1 and parts[1] else "auto"
@@ -38,12 +38,33 @@ def parse_row(spec: str) -> tuple[str, str, str, float | None, str | None]:
     except ValueError:
         raise SystemExit(f"--row {spec!r}: THRESHOLD must be a number or empty (the model's), got {parts[2]!r}")
     decision = parts[3] if len(parts) > 3 and parts[3] else None
-    return label.strip(), model, mode, thr, decision
+    tta = parts[4] if len(parts) > 4 and parts[4] else None
+    if tta is not None:
+        try:
+            tta_args(tta)
+        except ValueError as e:
+            raise SystemExit(f"--row {spec!r}: TTA {tta!r}: {e}")
+    return label.strip(), model, mode, thr, decision, tta
 
 
-def command(model: str, mode: str, thr: float | None, data: str, decision: str | None = None) -> str:
+def tta_args(tta: str | None) -> tuple[tuple[float, ...], bool]:
+    """``"1,1.4+flip"`` -> ((1.0, 1.4), True); None -> one pass."""
+    from fusionseg.segmenter import check_tta_scales
+    if not tta:
+        return (1.0,), False
+    scales, plus, flip = tta.partition("+")
+    if plus and flip != "flip":
+        raise ValueError("expected SCALES or SCALES+flip, e.g. 1,1.4+flip")
+    return check_tta_scales(scales or "1"), bool(plus)
+
+
+def command(model: str, mode: str, thr: float | None, data: str, decision: str | None = None,
+            tta: str | None = None) -> str:
     c = f"fusionseg evaluate --protocol present --split val --model {model} --mode {mode} --data {data}"
-    return c + (f" --threshold {thr}" if thr is not None else "") + (f" --decision {decision}" if decision else "")
+    c += (f" --threshold {thr}" if thr is not None else "") + (f" --decision {decision}" if decision else "")
+    scales, flip = tta_args(tta)
+    return c + (f" --tta-scales {','.join(f'{v:g}' for v in scales)}" if scales != (1.0,) else "") + \
+        (" --tta-flip" if flip else "")
 
 
 def resolve_model(model: str) -> str:
@@ -60,10 +81,13 @@ def resolve_model(model: str) -> str:
     return str(f)
 
 
-def run_row(model: str, mode: str, thr: float | None, root: Path, decision: str | None = None) -> dict:
+def run_row(model: str, mode: str, thr: float | None, root: Path, decision: str | None = None,
+            tta: str | None = None) -> dict:
     from fusionseg.engine.evaluate import evaluate
     from fusionseg.segmenter import Segmenter
-    seg = Segmenter.from_pretrained(resolve_model(model), device="cpu", mode=mode, decision=decision)
+    scales, flip = tta_args(tta)
+    seg = Segmenter.from_pretrained(resolve_model(model), device="cpu", mode=mode, decision=decision,
+                                    tta_scales=scales, tta_flip=flip)
     out = {}
     for name in DATASETS:
         d = root / name
@@ -73,7 +97,7 @@ def run_row(model: str, mode: str, thr: float | None, root: Path, decision: str 
         r = evaluate(seg, str(d), protocol="present", split="val", threshold=thr, progress=False)
         out[name] = {"miou": r["miou"], "images": r["images"], "low": len(r["low_iou_classes"]),
                      "classes": r["classes_evaluated"], "per_class": r["per_class"],
-                     "command": command(model, mode, thr, str(d), decision), "seconds": round(time.time() - t0, 1)}
+                     "command": command(model, mode, thr, str(d), decision, tta), "seconds": round(time.time() - t0, 1)}
         print(f"  {name}: mIoU {r['miou']:.3f}, {out[name]['low']} of {r['classes_evaluated']} classes < 0.05 "
               f"({r['images']} images, {out[name]['seconds']} s)", flush=True)
     return out
@@ -87,9 +111,10 @@ def render(rows: dict, markers: tuple[str, str] = (BEGIN, END)) -> list[str]:
     L = [markers[0], "", "Generated by `python scripts/everyday_study.py` (rows and commands in `docs/bench/everyday.json`). "
          "Protocol: each held-out image segmented with exactly the classes its ground truth shows "
          "(`evaluate --protocol present --split val`); confusion-matrix mIoU over the classes present; "
-         "\"low\": classes below IoU 0.05, of the classes present. Each row is `LABEL=MODEL:MODE:THRESHOLD:DECISION` given to "
-         "`--row`; re-run with `--row` for each row, `--json docs/bench/everyday.json --results README.md "
-         "--results docs/RESULTS.md`.", "",
+         "\"low\": classes below IoU 0.05, of the classes present. Each row is "
+         "`LABEL=MODEL:MODE:THRESHOLD:DECISION[:TTA]` given to `--row`; re-run with `--row` for each row, "
+         "`--json docs/bench/everyday.json --results docs/RESULTS.md` (the README's short table: `--brief LABEL` "
+         "for each of its rows and `--brief-results README.md`).", "",
          "| row | model : mode : threshold or decision | COCO 2017 mIoU (low / classes) | COCO128 | MSRC | CamVid | Weizmann horse |",
          "|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
@@ -99,7 +124,7 @@ def render(rows: dict, markers: tuple[str, str] = (BEGIN, END)) -> list[str]:
             x = res.get(n)
             return "" if x is None else f"{_f(x['miou'])} ({x['low']} / {x['classes']})"
         how = r["threshold"] if r["threshold"] is not None else (r.get("decision") or "model's")
-        spec = f"`{r['model']}` : {r['mode']} : {how}"
+        spec = f"`{r['model']}` : {r['mode']} : {how}" + (f" : test-time {r['tta']}" if r.get("tta") else "")
         L.append(f"| {label} | {spec} | {cell('coco2017_mini')} | {cell('coco128_seg')} | {cell('msrc_v2')} | "
                  f"{cell('camvid')} | {cell('weizmann_horse')} |")
     return L + ["", markers[1]]
@@ -122,7 +147,8 @@ def write_between(path: Path, lines: list[str], section: str = "Everyday photos:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--row", action="append", default=[], help="LABEL=MODEL[:MODE[:THRESHOLD]] (repeatable)")
+    ap.add_argument("--row", action="append", default=[],
+                    help="LABEL=MODEL[:MODE[:THRESHOLD[:DECISION[:TTA]]]] (repeatable)")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--json", default="docs/bench/everyday.json")
     ap.add_argument("--results", action="append", default=[],
@@ -140,15 +166,16 @@ def main() -> None:
     jp = Path(a.json)
     rows = json.loads(jp.read_text()) if jp.is_file() else {}
     for spec in a.row:
-        label, model, mode, thr, decision = parse_row(spec)
+        label, model, mode, thr, decision, tta = parse_row(spec)
         old = rows.get(label)
-        if old and not a.fresh and (old["model"], old["mode"], old["threshold"], old.get("decision")) == \
-                (model, mode, thr, decision):
+        if old and not a.fresh and (old["model"], old["mode"], old["threshold"], old.get("decision"),
+                                    old.get("tta")) == (model, mode, thr, decision, tta):
             print(f"{label}: kept from {jp}")
             continue
-        print(f"{label}: {model} : {mode} : {thr} : {decision}", flush=True)
+        print(f"{label}: {model} : {mode} : {thr} : {decision} : {tta}", flush=True)
         rows[label] = {"model": model, "mode": mode, "threshold": thr, "decision": decision,
-                       "results": run_row(model, mode, thr, Path(a.data_root), decision)}
+                       **({"tta": tta} if tta else {}),
+                       "results": run_row(model, mode, thr, Path(a.data_root), decision, tta)}
         jp.parent.mkdir(parents=True, exist_ok=True)
         jp.write_text(json.dumps(rows, indent=1))
     for res in a.results:

@@ -64,7 +64,8 @@ class BatchPredictor:
     def __init__(self, classes: Sequence[str] | str, model: str = "default", device: str | None = None,
                  size: int | None = None, threshold: float | None = None, mode: str = "auto",
                  runtime: str = "torch", output: str = "labels", background: bool = False, threads: int = 0,
-                 tile: int | None = None, decision: str | None = None):
+                 tile: int | None = None, decision: str | None = None, tta_scales: Sequence[float] = (1.0,),
+                 tta_flip: bool = False):
         import torch
         from .segmenter import Segmenter, parse_class_names
         if output not in OUTPUTS:
@@ -74,7 +75,8 @@ class BatchPredictor:
         self.classes = parse_class_names(classes)
         self.output = output
         self.background = background
-        kw = dict(device=device, size=size, threshold=threshold, tile=tile, mode=mode, decision=decision)
+        kw = dict(device=device, size=size, threshold=threshold, tile=tile, mode=mode, decision=decision,
+                  tta_scales=tta_scales, tta_flip=tta_flip)
         self.segmenter = Segmenter.from_pretrained(model, runtime=runtime, **kw)
         self.threshold = self.segmenter.threshold
         self.decision = self.segmenter.decision

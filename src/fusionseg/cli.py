@@ -189,6 +189,28 @@ def _check_segment_args(a: argparse.Namespace) -> None:
         raise CLIError("--background uses the plain arg-max, so --threshold would be ignored: give one of them")
     _check_decision(a)
     _check_device(a.device)
+    _check_tta(a)
+
+
+def _check_tta(a: argparse.Namespace) -> None:
+    """--tta-scales "1,1.4" -> a.tta_scales as a tuple (one line on a bad list)."""
+    from .segmenter import check_tta_scales
+    try:
+        a.tta_scales = check_tta_scales("1" if a.tta_scales is None else a.tta_scales)
+    except ValueError as e:
+        raise CLIError(f"--tta-scales: {e}") from None
+
+
+def _tta_kw(a: argparse.Namespace) -> dict:
+    return dict(tta_scales=a.tta_scales, tta_flip=a.tta_flip)
+
+
+def _add_tta_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta-scales", default=None, metavar="LIST",
+                   help="test-time augmentation: also read the image at these multiples of the working size and "
+                        "average the logits, e.g. 1,1.4 (default 1: one pass; each scale costs a pass)")
+    p.add_argument("--tta-flip", action="store_true",
+                   help="test-time augmentation: also read every scale mirrored (twice the passes)")
 
 
 def _check_decision(a: argparse.Namespace) -> None:
@@ -321,7 +343,7 @@ def _segment_run(a, names, paths, todo, out, overlay, max_pixels, status, fail) 
     if a.threads:
         torch.set_num_threads(a.threads)
     seg = Segmenter.from_pretrained(a.model, device=a.device, size=a.size, tile=a.tile, mode=a.mode,
-                                    max_pixels=max_pixels, runtime=a.runtime, decision=a.decision)
+                                    max_pixels=max_pixels, runtime=a.runtime, decision=a.decision, **_tta_kw(a))
     thr = seg.threshold if a.threshold is None else a.threshold
     sub = [paths[i] for i in todo]
     workers = a.workers if len(sub) >= 4 else 0  # starting processes does not pay for a few images
@@ -474,7 +496,7 @@ def _check_run_folder(out: Path, resume, overwrite: bool) -> None:
 def _segment_ray(a: argparse.Namespace, names: list[str]) -> int:
     from .scale.ray_engine import run
     kw = dict(classes=names, model=a.model, size=a.size, threshold=a.threshold, mode=a.mode, tile=a.tile,
-              runtime=a.runtime, background=a.background, device=a.device, decision=a.decision)
+              runtime=a.runtime, background=a.background, device=a.device, decision=a.decision, **_tta_kw(a))
     if a.threads:
         kw["threads"] = a.threads
     r = run(a.images, a.out, kw, address=a.address, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
@@ -552,6 +574,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     _check_number(a, "episodes", 1)
     _check_number(a, "threads", 0, 1024)
     _check_device(a.device)
+    _check_tta(a)
+    from .engine.evaluate import check_tta_protocol
+    try:
+        check_tta_protocol(a.protocol, a.tta_scales, a.tta_flip)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if a.max_images is not None and a.protocol == "episodes":
         raise CLIError("--max-images applies to the semantic and novel-names protocols; bound episodes with --episodes")
     if a.episodes is not None and a.protocol != "episodes":
@@ -570,7 +598,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             _check_writable(Path(p).resolve().parent)
     rep = evaluate(model=a.model, data=a.data, protocol=a.protocol, fold=a.fold, threshold=a.threshold,
                    device=a.device, json_path=a.json, report_path=a.report, max_images=a.max_images,
-                   episodes=a.episodes, classes=a.classes, mode=a.mode, split=a.split, decision=a.decision)
+                   episodes=a.episodes, classes=a.classes, mode=a.mode, split=a.split, decision=a.decision,
+                   **_tta_kw(a))
     print(rep["table"])
     for p in (a.json, a.report):
         if p:
@@ -731,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images of one shape run through the model together (default 8; 1 = one at a time)")
     s.add_argument("--workers", type=int, default=2,
                    help="processes decoding images ahead of the model (default 2; 0 = in the main process)")
+    _add_tta_flags(s)
     s.add_argument("--tile", type=int, default=None,
                    help="sliding-window side in px at the working size (default: automatic above 1536 px; 0 = off)")
     s.add_argument("--mode", default="auto", choices=list(MODES),
@@ -783,6 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=int, default=None, help="episode count (default: 1,000 for folds, else all)")
     e.add_argument("--threshold", type=float, default=None)
     e.add_argument("--decision", default=None, choices=list(DECISIONS), help="as segment --decision")
+    _add_tta_flags(e)
     e.add_argument("--max-images", type=int, default=None)
     e.add_argument("--json", default=None, help="write the report as JSON here")
     e.add_argument("--report", default=None, help="write a Markdown report (with a figure) here")

@@ -33,7 +33,7 @@ from .names import MAX_CLASSES, parse_class_names  # noqa: F401  (the one class-
 # Re-exported here, where they were first defined (callers import them from fusionseg.segmenter).
 __all__ = ["Segmenter", "Prediction", "Prepared", "Preparer", "EncodedImage", "TextCache", "parse_class_names",
            "labels_from_logits", "upsample_crop", "upsample_rows", "MAX_CLASSES", "AUTO_TILE_ABOVE", "DEFAULT_TILE",
-           "OVERLAP", "KNOWN_NAME_SIMILARITY", "MODES"]
+           "OVERLAP", "check_tta_scales", "KNOWN_NAME_SIMILARITY", "MODES"]
 
 #: Working sizes (longer side, px) above this are tiled automatically (memory), unless ``tile=0``.
 AUTO_TILE_ABOVE = 1536
@@ -64,16 +64,45 @@ class EncodedImage:
         return self._bridge_visual
 
 
+#: Test-time scales: each a multiple of the working size in this range, at most this many.
+TTA_SCALE_RANGE = (0.25, 4.0)
+MAX_TTA_SCALES = 6
+
+
+def check_tta_scales(scales) -> tuple[float, ...]:
+    """``scales`` (numbers, or a comma-separated string such as ``"1,1.4"``) -> a tuple of distinct floats in
+    :data:`TTA_SCALE_RANGE`; ValueError with one sentence otherwise."""
+    items = [t.strip() for t in scales.split(",")] if isinstance(scales, str) else list(scales)
+    try:
+        out = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"test-time scales must be numbers such as 1,1.4, got {scales!r}") from None
+    lo, hi = TTA_SCALE_RANGE
+    if not out:
+        raise ValueError("test-time scales must name at least one scale, e.g. 1")
+    if len(out) > MAX_TTA_SCALES:
+        raise ValueError(f"at most {MAX_TTA_SCALES} test-time scales (each one is a full pass), got {len(out)}")
+    bad = [v for v in out if not lo <= v <= hi]  # nan included
+    if bad:
+        raise ValueError(f"test-time scales must be between {lo} and {hi} times the working size, got {bad[0]}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"test-time scales must differ from each other, got {','.join(map(str, out))}")
+    return out
+
+
 @dataclass
 class Prepared:
     """One image ready for the encoder (CPU, picklable: made in DataLoader workers).
 
     ``x``: normalised ``(1, 3, Hp, Wp)`` float32, padded at the bottom/right to the encoder's multiple;
-    ``valid``: (h, w) of the resized image inside it; ``orig``: (W, H) of the original image."""
+    ``valid``: (h, w) of the resized image inside it; ``orig``: (W, H) of the original image; ``views``: the same
+    image prepared at the other working sizes of a multi-scale segmenter (``tta_scales``), by size:
+    ``{size: (x, valid)}``."""
 
     x: torch.Tensor
     valid: tuple[int, int]
     orig: tuple[int, int]
+    views: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -116,17 +145,21 @@ class Preparer:
     std: tuple
     multiple: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS  # on the size the file declares (the label map is made at that size)
+    extra_sizes: tuple[int, ...] = ()  # other working sizes, prepared too (Prepared.views): test-time scales
 
     def __call__(self, image) -> Prepared:
         # Decode at up to twice the working size (JPEG draft mode keeps huge photos cheap), then one
         # antialiased resize as in training, so the result hardly depends on how the file was decoded.
-        img, orig = load_image_with_size(image, max_side=2 * max(self.size, 1), max_pixels=self.max_pixels)
-        img = resize_image(img, self.size)
-        x = to_tensor(img)[None]
+        img, orig = load_image_with_size(image, max_side=2 * max(self.size, *self.extra_sizes, 1),
+                                         max_pixels=self.max_pixels)
+        x, valid = self._tensor(img, self.size)
+        return Prepared(x, valid, orig, {s: self._tensor(img, s) for s in self.extra_sizes if s != self.size})
+
+    def _tensor(self, img, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = to_tensor(resize_image(img, size))[None]
         x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
         h, w = x.shape[-2:]
-        x = pad_to(x, round_up(h, self.multiple), round_up(w, self.multiple))
-        return Prepared(x, (h, w), orig)
+        return pad_to(x, round_up(h, self.multiple), round_up(w, self.multiple)), (h, w)
 
 
 class Segmenter:
@@ -139,12 +172,15 @@ class Segmenter:
     ``tile``: window side in px at the working size for sliding-window inference (``None``: automatic, only
     above ``AUTO_TILE_ABOVE`` px; ``0``: never). ``text_cache``: a :class:`TextCache` (shared between
     segmenters if you like); by default a private one of ``text_cache_size`` entries.
+    ``tta_scales`` / ``tta_flip``: test-time augmentation of label maps (:meth:`predict`): the image is also read
+    at these multiples of the working size and/or mirrored, and the logits of all views are averaged on the
+    working-size grid before the decision. Each view costs one more encoder and fusion pass.
     """
 
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
                  threshold: float | None = None, tile: int | None = None, text_cache: TextCache | None = None,
                  text_cache_size: int = 4096, mode: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 decision: str | None = None):
+                 decision: str | None = None, tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         from .model.bridge import has_classifier
@@ -168,6 +204,8 @@ class Segmenter:
         if int(max_pixels) < 1:
             raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
         self.max_pixels = int(max_pixels)  # largest image (width x height as declared), refused before decoding
+        self.tta_scales = check_tta_scales(tta_scales)
+        self.tta_flip = bool(tta_flip)
         self.text_cache = text_cache if text_cache is not None else TextCache(text_cache_size)
         self.mode = mode
         self._bridge = None
@@ -244,7 +282,16 @@ class Segmenter:
         """A small picklable callable doing :meth:`prepare` (for DataLoader worker processes)."""
         enc = self.model.image_encoder
         return Preparer(self.size, tuple(enc.mean), tuple(enc.std), int(getattr(enc, "size_multiple", 32)),
-                        self.max_pixels)
+                        self.max_pixels, tuple(self._tta_size(s) for s in self.tta_scales if s != 1.0))
+
+    @property
+    def tta(self) -> bool:
+        """Whether label maps average several views (``tta_scales`` other than the working size alone, or
+        ``tta_flip``)."""
+        return self.tta_flip or self.tta_scales != (1.0,)
+
+    def _tta_size(self, scale: float) -> int:
+        return max(8, int(round(self.size * scale)))
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -270,11 +317,12 @@ class Segmenter:
     def bridge_maps(self, x: torch.Tensor) -> list | None:
         """Padded input canvas ``(B, 3, H, W)`` -> the encoder's maps of the same canvas scaled so its longer side
         is :data:`~fusionseg.model.bridge.BRIDGE_SIZE` (sides rounded up to the encoder's multiple), for the
-        bridge; None when the bridge is not used or the working size is already that small."""
+        bridge; None when the bridge is not used or the canvas is already that small (a test-time view larger
+        than that is read by the bridge at that size, as a larger working size is)."""
         from .model.bridge import BRIDGE_SIZE
-        if self.mode == "fusion" or self.size <= BRIDGE_SIZE:
-            return None
         H, W = x.shape[-2:]
+        if self.mode == "fusion" or max(H, W) <= BRIDGE_SIZE:
+            return None
         f = BRIDGE_SIZE / max(H, W)
         m = int(getattr(self.model.image_encoder, "size_multiple", 32))
         size = (max(m, round_up(round(H * f), m)), max(m, round_up(round(W * f), m)))
@@ -373,6 +421,9 @@ class Segmenter:
         decision = self._decision(decision, threshold, self.decision)
         preps = [im if isinstance(im, Prepared) else self.prepare(im) for im in images]
         text = self.text_embeddings(names)
+        if self.tta:
+            return [Prediction(*self._labels(self.tta_logits(p, names, text), p.orig, thr, background, decision),
+                               list(names)) for p in preps]
         out: list[Prediction | None] = [None] * len(preps)
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(preps):
@@ -393,6 +444,55 @@ class Segmenter:
                 labels, scores = self._labels(lg, preps[i].orig, thr, background, decision)
                 out[i] = Prediction(labels, scores, list(names))
         return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def tta_logits(self, p: Prepared, names: Sequence[str], text: torch.Tensor) -> torch.Tensor:
+        """Test-time augmentation: logits ``(N, h, w)`` on the working-size grid of ``p`` (padding removed), the
+        mean over every view: each of :attr:`tta_scales` (the image prepared at that multiple of the working size;
+        from ``p.views``, else resampled from ``p``), and with :attr:`tta_flip` each of those mirrored too (its
+        logits mirrored back)."""
+        h, w = p.valid
+        total, k = None, 0
+        for scale in self.tta_scales:
+            x, valid = self._view(p, self._tta_size(scale))
+            for flip in (False, True) if self.tta_flip else (False,):
+                xv = x
+                if flip:  # mirror the image inside the canvas; the padding stays at the bottom/right
+                    xv = x.clone()
+                    xv[..., :valid[0], :valid[1]] = x[..., :valid[0], :valid[1]].flip(-1)
+                low, region = self._lowres(Prepared(xv, valid, p.orig), text, names)
+                lg = next(upsample_rows(low, (w, h), h, region))[2]
+                lg = lg.flip(-1) if flip else lg
+                total = lg if total is None else total + lg
+                k += 1
+        return total / k
+
+    def _view(self, p: Prepared, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``p`` at working size ``size``: its prepared view, or (made elsewhere, without views) resampled."""
+        if size == self.size:
+            return p.x, p.valid
+        if size in p.views:
+            return p.views[size]
+        h, w = p.valid
+        f = size / max(h, w)
+        nh, nw = max(1, round(h * f)), max(1, round(w * f))
+        x = F.interpolate(p.x[..., :h, :w], size=(nh, nw), mode="bilinear", align_corners=False, antialias=f < 1)
+        m = int(getattr(self.model.image_encoder, "size_multiple", 32))
+        return pad_to(x, round_up(nh, m), round_up(nw, m)), (nh, nw)
+
+    def _lowres(self, p: Prepared, text: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, tuple[float, float]]:
+        """One image -> (logits ``(N, hl, wl)`` at the decoder's stride over its canvas, the image's (w, h) in
+        those pixels): sliding windows where :meth:`_tile_for` says so, else one pass."""
+        tile = self._tile_for(p)
+        if tile:
+            return self._tiled_lowres(p, text, tile, names)
+        x = p.x.to(self.device)
+        with self._autocast():
+            visual = self.model.encode_image(x)
+            low = self.low_logits(visual, names, text, [_frac(p.valid, tuple(x.shape[-2:]))],
+                                  lambda: self.bridge_maps(x))[0].float()
+        (H, W), (h, w) = x.shape[-2:], p.valid
+        return low, (w * low.shape[-1] / W, h * low.shape[-2] / H)
 
     @torch.inference_mode()
     def _tiled_lowres(self, p: Prepared, text: torch.Tensor, tile: int, names: Sequence[str]) -> tuple[torch.Tensor, tuple[float, float]]:

@@ -248,13 +248,24 @@ def _figure(examples, path) -> None:
     save_png_atomic(grid(rows, ["image", "ground truth", "prediction"]), path)
 
 
+def check_tta_protocol(protocol: str, tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False) -> None:
+    """Test-time augmentation averages label maps: refuse it (ValueError) for the protocols that read one name's
+    score map instead (episodes, novel-names), where it would silently not apply."""
+    if (tta_flip or tuple(tta_scales) != (1.0,)) and protocol not in ("semantic", "present"):
+        raise ValueError(f"--tta-scales and --tta-flip average label maps: they apply to --protocol semantic and "
+                         f"present, not {protocol}")
+
+
 def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: int | None = None,
              threshold: float | None = None, device: str = "cpu", json_path: str | None = None,
              report_path: str | None = None, max_images: int | None = None, episodes: int | None = None,
              progress: bool = True, examples: int = 4, classes: Sequence[str] | str | None = None,
-             mode: str = "auto", split: str = "all", decision: str | None = None) -> dict:
+             mode: str = "auto", split: str = "all", decision: str | None = None,
+             tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False) -> dict:
     """Evaluate a model on a dataset; returns the report dict (also written as JSON / Markdown if asked).
-    ``decision``: how "none of these" is decided (``Segmenter.decision``; default the model's)."""
+    ``decision``: how "none of these" is decided (``Segmenter.decision``; default the model's);
+    ``tta_scales`` / ``tta_flip``: test-time augmentation of the label maps (``Segmenter``'s; semantic and present
+    protocols)."""
     import json
     from pathlib import Path
     from ..data.benchmarks import open_dataset
@@ -262,13 +273,14 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
     from ..segmenter import Segmenter
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    check_tta_protocol(protocol, tta_scales, tta_flip)
     if protocol == "novel-names" and not classes:
         raise ValueError("--protocol novel-names needs --classes with at least two of the dataset's class names")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     ds = open_dataset(data, fold=fold)
-    seg = model if isinstance(model, Segmenter) else Segmenter.from_pretrained(model, device=device, mode=mode,
-                                                                               decision=decision)
+    seg = model if isinstance(model, Segmenter) else Segmenter.from_pretrained(
+        model, device=device, mode=mode, decision=decision, tta_scales=tta_scales, tta_flip=tta_flip)
     if decision is not None and seg.decision != decision:
         seg = copy.copy(seg)  # the caller's segmenter keeps its own decision
         seg.decision = seg._decision(decision, None, seg.decision)
