@@ -165,6 +165,7 @@ def test_model_health_openapi(real_client):
     assert m["image_encoder"]["name"] == "efficientnet-lite0" and m["text_encoder"]["name"] == "minilm-l6"
     assert m["preset"] == "small" and "cat" in m["classes_seen_in_training"]
     assert m["limits"]["max_classes"] == 20
+    assert m["test_time"] == {"scales": [1.0], "flip": False}
     h = real_client.get("/healthz")
     assert h.status_code == 200 and h.json()["status"] == "ok"
     api = real_client.get("/openapi.json").json()
@@ -366,6 +367,30 @@ def test_text_cache_is_bounded():
         assert len(svc.seg.text_cache) == 10
     finally:
         svc.close()
+
+
+def test_server_wide_test_time_augmentation_reaches_every_request():
+    """``serve --tta-scales 1,1.4 --tta-flip``: the server's Segmenter averages the views (its label maps differ
+    from one pass) and /v1/model says so; a bad list is one line at the CLI, before any model loads."""
+    svc = Service(ServeConfig(tta_scales=(1.0, 1.4), tta_flip=True))
+    try:
+        assert svc.seg.tta and svc.seg.tta_scales == (1.0, 1.4) and svc.seg.tta_flip
+        assert svc.model_info()["test_time"] == {"scales": [1.0, 1.4], "flip": True}
+        img = Image.open(CAT).convert("RGB")
+        one = svc.seg.predict(img, ["cat", "toilet"], decision="relative")
+        from fusionseg.segmenter import Segmenter
+        plain = Segmenter(svc.seg.model, svc.seg.meta).predict(img, ["cat", "toilet"], decision="relative")
+        assert one.labels.shape == plain.labels.shape and not np.array_equal(one.scores, plain.scores)
+    finally:
+        svc.close()
+    with pytest.raises(ValueError, match="between"):
+        ServeConfig(tta_scales=(9.0,)).check()
+
+
+def test_cli_serve_bad_test_time_scales(capsys):
+    assert main(["serve", "--tta-scales", "1,9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tta-scales" in err and len(err.splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------------------------- page

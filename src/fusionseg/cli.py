@@ -717,9 +717,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     _check_number(a, "max_classes", 1, 1000)
     _check_number(a, "timeout", 0.0, 86_400.0, lo_open=True)
     _check_number(a, "threads", 0, 1024)
+    _check_tta(a)
     cfg = ServeConfig(model=a.model, device=a.device, size=a.size, workers=a.workers, queue=a.queue,
                       max_upload_bytes=int(a.max_upload_mb * 1024 * 1024), max_pixels=int(a.max_megapixels * 1e6),
-                      max_classes=a.max_classes, timeout=a.timeout, threads=a.threads).check()
+                      max_classes=a.max_classes, timeout=a.timeout, threads=a.threads, **_tta_kw(a)).check()
 
     def ready(url: str, app) -> None:
         info = app.state.service.model_info()
@@ -877,6 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--timeout", type=float, default=60.0, help="seconds before a request gets 504 (default 60)")
     v.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     v.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    _add_tta_flags(v)
     v.set_defaults(func=cmd_serve)
     return p
 

@@ -47,7 +47,8 @@ class ServeConfig:
     None = the model's); workers: requests computed at once; queue: requests waiting beyond those;
     max_upload_bytes: largest image file; max_pixels: largest image (width x height, read from the header
     before decoding); max_classes: most class names per request; timeout: seconds before a 504;
-    threads: torch CPU threads (0 = torch's choice); text_cache: class-name embeddings kept in memory.
+    threads: torch CPU threads (0 = torch's choice); text_cache: class-name embeddings kept in memory;
+    tta_scales / tta_flip: test-time augmentation of every request (``Segmenter``'s; each view is a full pass).
     """
 
     model: str = "default"
@@ -61,6 +62,8 @@ class ServeConfig:
     timeout: float = 60.0
     threads: int = 0
     text_cache: int = 4096
+    tta_scales: tuple = (1.0,)
+    tta_flip: bool = False
 
     def check(self) -> "ServeConfig":
         for k in ("workers", "max_upload_bytes", "max_pixels", "max_classes", "text_cache"):
@@ -74,6 +77,8 @@ class ServeConfig:
             raise ValueError(f"max-classes is at most 1000 (the segmenter's limit), got {self.max_classes}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        from ..segmenter import check_tta_scales
+        check_tta_scales(self.tta_scales)
         return self
 
 
@@ -200,7 +205,8 @@ class Service:
             torch.set_num_threads(cfg.threads)
         t0 = time.time()
         self.seg = segmenter if segmenter is not None else Segmenter.from_pretrained(
-            cfg.model, device=cfg.device, size=cfg.size, text_cache_size=cfg.text_cache)
+            cfg.model, device=cfg.device, size=cfg.size, text_cache_size=cfg.text_cache, tta_scales=cfg.tta_scales,
+            tta_flip=cfg.tta_flip)
         self.load_seconds = round(time.time() - t0, 2)
         self.pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fusionseg-serve")
         self.capacity = cfg.workers + cfg.queue
@@ -277,6 +283,8 @@ class Service:
             "image_encoder": m.get("image_encoder", {}), "text_encoder": m.get("text_encoder", {}),
             "preset": c.get("preset"), "parameters": tr.get("parameters"),
             "image_size": self.seg.size, "threshold": self.seg.threshold, "device": str(self.seg.device),
+            "test_time": {"scales": list(getattr(self.seg, "tta_scales", (1.0,))),
+                          "flip": bool(getattr(self.seg, "tta_flip", False))},
             "classes_seen_in_training": list(tr.get("vocabulary", []) or []),
             "limits": {"max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
                        "max_classes": self.cfg.max_classes, "timeout_seconds": self.cfg.timeout,
