@@ -182,3 +182,36 @@ def test_model_teacher_labels_with_its_training_names(tmp_path):
     assert p.shape[0] == 2 and float(p.min()) >= 0 and float(p.max()) <= 1
     expect = seg.logits_from(seg.encode(img), ["square", "disc"]).sigmoid()
     assert torch.allclose(p, expect)
+
+
+def test_model_teacher_reads_with_test_time_augmentation(tmp_path, capsys):
+    """`pseudo-label --teacher MODEL --tta-scales 1,1.5 --tta-flip`: the teacher's probabilities are the sigmoid of
+    the segmenter's averaged views (not its one pass), recorded in dataset.json; the training-free teachers refuse
+    the flags in one line."""
+    from conftest import train_tiny
+    from fusionseg.engine.teachers import ModelTeacher, build_teacher
+    from fusionseg.segmenter import Segmenter
+    ckpt, ds = train_tiny(tmp_path, n=4, steps=10)
+    seg = Segmenter.from_pretrained(ckpt, device="cpu", mode="fusion", tta_scales=(1.0, 1.5), tta_flip=True)
+    t = ModelTeacher(seg)
+    img = Image.open(next((ds / "images").iterdir())).convert("RGB")
+    names = ["square", "disc"]
+    expect = seg.tta_logits(seg.prepare(img), names, seg.text_embeddings(names)).sigmoid()
+    one = seg.logits_from(seg.encode(img), names).sigmoid()
+    p = t.probabilities(img)
+    assert torch.allclose(p, expect) and not torch.allclose(p, one, atol=1e-4)
+    assert t.describe()["test_time"] == {"scales": [1.0, 1.5], "flip": True}
+    with pytest.raises(ValueError, match="model teacher"):
+        build_teacher("bridge", tta_flip=True)
+    photos = _photos(tmp_path / "photos", n=2)
+    code, _, err = run_cli(["pseudo-label", "--data", photos, "--out", tmp_path / "o", "--tta-flip"], capsys)
+    assert code == 2 and "model teacher" in err and len(err.strip().splitlines()) == 1
+    # labels.csv gives ImageNet class indices: they do not address a model's own names, so they are not used
+    # (index 500 would otherwise be refused as outside the teacher's two classes, or a small one mislabel)
+    (photos / "labels.csv").write_text("image,class_index\np0.jpg,500\np1.jpg,1\n")
+    code, _, err = run_cli(["pseudo-label", "--data", photos, "--out", tmp_path / "o", "--teacher", ckpt,
+                            "--tta-scales", "1,1.5", "--tta-flip", "--examples", "0"], capsys)
+    assert code == 0, err
+    assert "labels.csv" in err and "not used" in err  # the CLI prints the warning as one line
+    meta = json.loads((tmp_path / "o" / "dataset.json").read_text())
+    assert meta["teacher"]["test_time"] == {"scales": [1.0, 1.5], "flip": True}

@@ -620,6 +620,7 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
         raise CLIError(f"--examples must be 0 or more, got {a.examples}")
     _check_number(a, "threads", 0, 1024)
     _check_device(a.device)
+    _check_tta(a)
     for d in a.data:
         if not Path(d).is_dir():
             raise CLIError(f"no such folder: {d}")
@@ -628,7 +629,7 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(a.threads)
     names = [n.strip() for n in a.names.split(",") if n.strip()] if a.names else None
-    teacher = build_teacher(a.teacher, image_encoder=a.image_encoder, device=a.device, names=names)
+    teacher = build_teacher(a.teacher, image_encoder=a.image_encoder, device=a.device, names=names, **_tta_kw(a))
     exclude = [c for c in (a.exclude_classes or "").split(",") if c.strip()]
     rep = pseudo_label(a.data, a.out, teacher, min_peak=a.min_peak, min_confidence=a.min_confidence,
                        known_fraction=a.known_fraction, exclude_classes=exclude, val_fraction=a.val_fraction,
@@ -857,6 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--examples", type=int, default=8, help="images in the overlay grid examples.png (0: none)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--threads", type=int, default=0)
+    _add_tta_flags(q)  # a model teacher: its test-time augmentation
     q.set_defaults(func=cmd_pseudo_label)
 
     i = sub.add_parser("info", help="describe a checkpoint and the available encoders")

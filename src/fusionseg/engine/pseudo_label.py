@@ -106,12 +106,15 @@ def excluded_teacher_classes(synonyms: Sequence[Sequence[str]], exclude: Sequenc
 
 
 def collect_sources(data: Sequence[str], vocab_index: dict[str, int], n_teacher: int,
-                    val_fraction: float = 0.0, seed: int = 0, holdout: Sequence[str] = ()) -> tuple[list[Source], list[str]]:
+                    val_fraction: float = 0.0, seed: int = 0, holdout: Sequence[str] = (),
+                    image_labels: bool = True) -> tuple[list[Source], list[str]]:
     """Inputs -> sources and the ground-truth names added to the vocabulary (in order of first appearance).
 
     A folder with ``dataset.json`` brings its masks (its validation split, ``val_fraction``/``seed``/``holdout``
     as ``fusionseg train`` computes it, is left out so a later training run never sees those images); a folder
-    with ``labels.csv`` (ImageNet style) brings image-level labels; any other folder, images alone."""
+    with ``labels.csv`` (ImageNet style) brings image-level labels, when ``image_labels`` (the teacher's classes
+    are the indices those labels give; a model teacher's are not: then the file is skipped with a warning); any
+    other folder, images alone."""
     sources: list[Source] = []
     gt_names: list[str] = []
     for d in data:
@@ -138,7 +141,14 @@ def collect_sources(data: Sequence[str], vocab_index: dict[str, int], n_teacher:
         files = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise PseudoLabelError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        labels = read_labels_csv(root / "labels.csv", n_teacher) if (root / "labels.csv").is_file() else {}
+        labels = {}
+        if (root / "labels.csv").is_file():
+            if image_labels:
+                labels = read_labels_csv(root / "labels.csv", n_teacher)
+            else:
+                import warnings
+                warnings.warn(f"{root / 'labels.csv'} gives classifier class indices, which do not address this "
+                              f"teacher's classes (a model's own names): its image-level labels are not used")
         for p in files:
             sources.append(Source(p.stem, p, None, labels.get(p.name)))
     seen: set[str] = set()
@@ -214,7 +224,8 @@ def pseudo_label(data: Sequence[str], out: str | Path, teacher, min_peak: float 
     names = list(teacher.names)
     dropped = excluded_teacher_classes(teacher.synonyms, exclude_classes)
     vocab_index = {f"\0teacher{k}": k for k in range(len(names))}  # teacher classes first; GT names appended
-    sources, gt_names = collect_sources(data, vocab_index, len(names), val_fraction, seed, holdout)
+    sources, gt_names = collect_sources(data, vocab_index, len(names), val_fraction, seed, holdout,
+                                        image_labels=getattr(teacher, "indexed_by_labels", True))
     if max_images is not None:
         sources = sources[:max_images]
     if not sources:

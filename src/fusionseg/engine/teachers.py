@@ -66,7 +66,11 @@ class BridgeTeacher:
 
 
 class ModelTeacher:
-    """A trained fusion model's sigmoid scores over ``names`` (default: the names it was trained on)."""
+    """A trained fusion model's sigmoid scores over ``names`` (default: the names it was trained on).
+    Its classes are its own names, not a classifier's indices, so a folder's ``labels.csv`` does not address them
+    (``indexed_by_labels`` False: the image-level labels are not used)."""
+
+    indexed_by_labels = False
 
     def __init__(self, segmenter, names: Sequence[str] | None = None, synonyms: Sequence[Sequence[str]] | None = None):
         vocab = names or segmenter.meta.get("training", {}).get("vocabulary") or []
@@ -77,12 +81,15 @@ class ModelTeacher:
         self.synonyms = [list(s) for s in synonyms] if synonyms else [[n] for n in self.names]
 
     def describe(self) -> dict:
-        return {"kind": "model", "model": str(self.segmenter.meta.get("path")), "mode": self.segmenter.mode,
-                "names": len(self.names)}
+        seg = self.segmenter
+        return {"kind": "model", "model": str(seg.meta.get("path")), "mode": seg.mode, "names": len(self.names),
+                **({"test_time": {"scales": list(seg.tta_scales), "flip": seg.tta_flip}} if seg.tta else {})}
 
     @torch.inference_mode()
     def probabilities(self, image) -> torch.Tensor:
         seg = self.segmenter
+        if seg.tta:  # test-time augmentation: the views' mean logits (a teacher better than the student's one pass)
+            return seg.tta_logits(seg.prepare(image), self.names, seg.text_embeddings(self.names)).float().sigmoid()
         return seg.logits_from(seg.encode(image), self.names).float().sigmoid()
 
 
@@ -95,6 +102,7 @@ class MaskCLIPTeacher:
         self.encoder = image_encoder.eval()
         self.bridge = MaskCLIPBridge(image_encoder)
         self.size = int(size)
+        self.indexed_by_labels = not names  # labels.csv gives ImageNet indices: only the default names match them
         if names:
             self.names = [str(n) for n in names]
             self.synonyms = [[n] for n in self.names]
@@ -119,11 +127,17 @@ class MaskCLIPTeacher:
 
 
 def build_teacher(spec: str = "bridge", image_encoder: str | None = None, device: str = "cpu",
-                  names: Sequence[str] | None = None, size: int = TEACHER_SIZE):
+                  names: Sequence[str] | None = None, size: int = TEACHER_SIZE, tta_scales: Sequence[float] = (1.0,),
+                  tta_flip: bool = False):
     """``bridge`` (the classifier bridge of ``image_encoder``, default efficientnet-lite0), ``maskclip`` (CLIP's
-    dense map of an ``hf:`` CLIP ``image_encoder``) or a model (``default``, a checkpoint or a run folder)."""
+    dense map of an ``hf:`` CLIP ``image_encoder``) or a model (``default``, a checkpoint or a run folder).
+    ``tta_scales`` / ``tta_flip``: a model teacher reads each image with that test-time augmentation
+    (``Segmenter``'s); the training-free teachers take none (ValueError)."""
     from ..choices import DEFAULT_IMAGE_ENCODER
     from ..encoders.base import build_image_encoder
+    if (tta_flip or tuple(tta_scales) != (1.0,)) and spec in ("bridge", "maskclip"):
+        raise ValueError(f"--tta-scales and --tta-flip apply to a model teacher (default, a checkpoint or a run "
+                         f"folder), not --teacher {spec}")
     if spec == "bridge":
         from ..model.bridge import has_classifier
         enc = build_image_encoder(image_encoder or DEFAULT_IMAGE_ENCODER)
@@ -141,4 +155,5 @@ def build_teacher(spec: str = "bridge", image_encoder: str | None = None, device
         require_maskclip(enc)
         return MaskCLIPTeacher(enc.to(device), names, size=size)
     from ..segmenter import Segmenter
-    return ModelTeacher(Segmenter.from_pretrained(spec, device=device), names)
+    return ModelTeacher(Segmenter.from_pretrained(spec, device=device, tta_scales=tta_scales, tta_flip=tta_flip),
+                        names)
