@@ -35,3 +35,19 @@ def test_paired_resamples_score_every_model_on_the_same_images():
     assert np.allclose(paired_bootstrap([a, a.copy()], 50)[:, 1], paired_bootstrap([a, a.copy()], 50)[:, 0])
     with pytest.raises(ValueError, match="same images"):
         paired_bootstrap([a, a[:5]], 10)
+
+
+def test_test_time_rows_parse_and_print_their_command():
+    """A row's (or a bootstrap model's) TTA field: scales, ``+flip`` to mirror too; the command says both."""
+    from everyday_study import command, parse_row, tta_args
+    assert tta_args("1,1.4+flip") == ((1.0, 1.4), True)
+    assert tta_args("1,1.4") == ((1.0, 1.4), False)
+    assert tta_args(None) == ((1.0,), False)
+    with pytest.raises(ValueError, match="SCALES"):
+        tta_args("1,1.4+flop")
+    with pytest.raises(SystemExit, match="TTA"):
+        parse_row("x=default:auto::relative:1,9")
+    assert parse_row("x=default:auto::relative:1,1.4+flip")[-1] == "1,1.4+flip"
+    c = command("default", "auto", None, "d", "relative", "1,1.4+flip")
+    assert c.endswith("--decision relative --tta-scales 1,1.4 --tta-flip")
+    assert "--tta" not in command("default", "auto", None, "d", "relative")
