@@ -307,7 +307,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
             return code
         info = {"command": "segment", "classes": names, "model": str(a.model), "out": str(out), "ok": ok,
                 "failed": bad, "not_done": len(status) - ok - bad, "exit_code": code, "images": status}
-        if a.tta_flip or a.tta_scales != (1.0,):
+        from .segmenter import uses_tta
+        if uses_tta(a.tta_scales, a.tta_flip):
             info["test_time"] = {"scales": list(a.tta_scales), "flip": bool(a.tta_flip)}
         if interrupted:
             info["interrupted"] = interrupted

@@ -90,6 +90,11 @@ def check_tta_scales(scales) -> tuple[float, ...]:
     return out
 
 
+def uses_tta(scales: Sequence[float], flip: bool) -> bool:
+    """Whether these test-time settings read more than the one plain view (the working size, unmirrored)."""
+    return bool(flip) or tuple(float(v) for v in scales) != (1.0,)
+
+
 @dataclass
 class Prepared:
     """One image ready for the encoder (CPU, picklable: made in DataLoader workers).
@@ -288,7 +293,7 @@ class Segmenter:
     def tta(self) -> bool:
         """Whether label maps average several views (``tta_scales`` other than the working size alone, or
         ``tta_flip``)."""
-        return self.tta_flip or self.tta_scales != (1.0,)
+        return uses_tta(self.tta_scales, self.tta_flip)
 
     def _tta_size(self, scale: float) -> int:
         return max(8, int(round(self.size * scale)))

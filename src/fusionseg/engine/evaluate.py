@@ -251,7 +251,8 @@ def _figure(examples, path) -> None:
 def check_tta_protocol(protocol: str, tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False) -> None:
     """Test-time augmentation averages label maps: refuse it (ValueError) for the protocols that read one name's
     score map instead (episodes, novel-names), where it would silently not apply."""
-    if (tta_flip or tuple(tta_scales) != (1.0,)) and protocol not in ("semantic", "present"):
+    from ..segmenter import uses_tta
+    if uses_tta(tta_scales, tta_flip) and protocol not in ("semantic", "present"):
         raise ValueError(f"--tta-scales and --tta-flip average label maps: they apply to --protocol semantic and "
                          f"present, not {protocol}")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -146,7 +147,6 @@ def collect_sources(data: Sequence[str], vocab_index: dict[str, int], n_teacher:
             if image_labels:
                 labels = read_labels_csv(root / "labels.csv", n_teacher)
             else:
-                import warnings
                 warnings.warn(f"{root / 'labels.csv'} gives classifier class indices, which do not address this "
                               f"teacher's classes (a model's own names): its image-level labels are not used")
         for p in files:

@@ -135,7 +135,8 @@ def build_teacher(spec: str = "bridge", image_encoder: str | None = None, device
     (``Segmenter``'s); the training-free teachers take none (ValueError)."""
     from ..choices import DEFAULT_IMAGE_ENCODER
     from ..encoders.base import build_image_encoder
-    if (tta_flip or tuple(tta_scales) != (1.0,)) and spec in ("bridge", "maskclip"):
+    from ..segmenter import uses_tta
+    if uses_tta(tta_scales, tta_flip) and spec in ("bridge", "maskclip"):
         raise ValueError(f"--tta-scales and --tta-flip apply to a model teacher (default, a checkpoint or a run "
                          f"folder), not --teacher {spec}")
     if spec == "bridge":
