@@ -197,7 +197,8 @@ def test_model_teacher_reads_with_test_time_augmentation(tmp_path, capsys):
     img = Image.open(next((ds / "images").iterdir())).convert("RGB")
     names = ["square", "disc"]
     expect = seg.tta_logits(seg.prepare(img), names, seg.text_embeddings(names)).sigmoid()
-    one = seg.logits_from(seg.encode(img), names).sigmoid()
+    plain = Segmenter(seg.model, seg.meta, mode="fusion")
+    one = plain.logits_from(plain.encode(img), names).sigmoid()
     p = t.probabilities(img)
     assert torch.allclose(p, expect) and not torch.allclose(p, one, atol=1e-4)
     assert t.describe()["test_time"] == {"scales": [1.0, 1.5], "flip": True}

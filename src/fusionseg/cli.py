@@ -578,11 +578,6 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     _check_number(a, "threads", 0, 1024)
     _check_device(a.device)
     _check_tta(a)
-    from .engine.evaluate import check_tta_protocol
-    try:
-        check_tta_protocol(a.protocol, a.tta_scales, a.tta_flip)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
     if a.max_images is not None and a.protocol == "episodes":
         raise CLIError("--max-images applies to the semantic and novel-names protocols; bound episodes with --episodes")
     if a.episodes is not None and a.protocol != "episodes":

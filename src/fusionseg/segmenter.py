@@ -52,6 +52,9 @@ class EncodedImage:
     orig: tuple[int, int]
     canvas: torch.Tensor | None = field(default=None, repr=False)  # the padded input, until the bridge needs it
     bridge_fn: Callable | None = field(default=None, repr=False)   # canvas -> bridge maps (Segmenter.bridge_maps)
+    #: test-time augmentation: one (EncodedImage, mirrored) per view; then ``visual`` is None and ``padded`` /
+    #: ``valid`` give the working-size grid the views' logits are averaged on
+    views: list = field(default_factory=list, repr=False)
     _bridge_visual: list | None = field(default=None, init=False, repr=False)
 
     @property
@@ -303,8 +306,15 @@ class Segmenter:
 
     @torch.inference_mode()
     def encode(self, image) -> "EncodedImage":
-        """Load, resize (longer side = working size), pad and run the frozen image encoder once."""
+        """Load, resize (longer side = working size), pad and run the frozen image encoder once (with test-time
+        augmentation: once per view, :meth:`logits_from` averaging them)."""
         p = image if isinstance(image, Prepared) else self.prepare(image)
+        if self.tta:
+            return EncodedImage(None, (p.x.shape[-2], p.x.shape[-1]), p.valid, p.orig,
+                                views=[(self._encode_one(v), flip) for v, flip in self._tta_views(p)])
+        return self._encode_one(p)
+
+    def _encode_one(self, p: Prepared) -> "EncodedImage":
         with self._autocast():
             x = p.x.to(self.device)
             visual = self.model.encode_image(x)
@@ -340,6 +350,17 @@ class Segmenter:
         :attr:`mode` says."""
         names = list(class_names)
         text = self.text_embeddings(names)
+        if encoded.views:  # test-time views, averaged on the working-size grid
+            h, w = encoded.valid
+            total = None
+            for ev, flip in encoded.views:
+                with self._autocast():
+                    low = self.low_logits(ev.visual, names, text, [_frac(ev.valid, ev.padded)],
+                                          lambda ev=ev: ev.bridge_visual)[0].float()
+                (H, W), (vh, vw) = ev.padded, ev.valid
+                lg = self._on_grid(low, (vw * low.shape[-1] / W, vh * low.shape[-2] / H), (w, h), flip)
+                total = lg if total is None else total.add_(lg)
+            return total / len(encoded.views)
         with self._autocast():
             low = self.low_logits(encoded.visual, names, text, [_frac(encoded.valid, encoded.padded)],
                                   lambda: encoded.bridge_visual)
@@ -457,20 +478,31 @@ class Segmenter:
         from ``p.views``, else resampled from ``p``), and with :attr:`tta_flip` each of those mirrored too (its
         logits mirrored back)."""
         h, w = p.valid
-        total, k = None, 0
+        total, views = None, self._tta_views(p)
+        for v, flip in views:
+            lg = self._on_grid(*self._lowres(v, text, names), (w, h), flip)
+            total = lg if total is None else total.add_(lg)
+        return total / len(views)
+
+    def _tta_views(self, p: Prepared) -> list[tuple[Prepared, bool]]:
+        """The views of test-time augmentation: ``p`` at each of :attr:`tta_scales` and, with :attr:`tta_flip`,
+        each mirrored inside its canvas (the padding stays at the bottom/right); (view, mirrored) pairs."""
+        out = []
         for scale in self.tta_scales:
             x, valid = self._view(p, self._tta_size(scale))
-            for flip in (False, True) if self.tta_flip else (False,):
-                xv = x
-                if flip:  # mirror the image inside the canvas; the padding stays at the bottom/right
-                    xv = x.clone()
-                    xv[..., :valid[0], :valid[1]] = x[..., :valid[0], :valid[1]].flip(-1)
-                low, region = self._lowres(Prepared(xv, valid, p.orig), text, names)
-                lg = next(upsample_rows(low, (w, h), h, region))[2]
-                lg = lg.flip(-1) if flip else lg
-                total = lg if total is None else total + lg
-                k += 1
-        return total / k
+            out.append((Prepared(x, valid, p.orig), False))
+            if self.tta_flip:
+                xv = x.clone()
+                xv[..., :valid[0], :valid[1]] = x[..., :valid[0], :valid[1]].flip(-1)
+                out.append((Prepared(xv, valid, p.orig), True))
+        return out
+
+    @staticmethod
+    def _on_grid(low: torch.Tensor, region: tuple[float, float], size: tuple[int, int], flip: bool) -> torch.Tensor:
+        """A view's logits ``(N, hl, wl)`` whose ``region`` (w, h) shows the image -> ``(N, h, w)`` on the grid of
+        ``size`` = (w, h), mirrored back when the view was mirrored."""
+        lg = next(upsample_rows(low, size, size[1], region))[2]
+        return lg.flip(-1) if flip else lg
 
     def _view(self, p: Prepared, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """``p`` at working size ``size``: its prepared view, or (made elsewhere, without views) resampled."""

@@ -248,15 +248,6 @@ def _figure(examples, path) -> None:
     save_png_atomic(grid(rows, ["image", "ground truth", "prediction"]), path)
 
 
-def check_tta_protocol(protocol: str, tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False) -> None:
-    """Test-time augmentation averages label maps: refuse it (ValueError) for the protocols that read one name's
-    score map instead (episodes, novel-names), where it would silently not apply."""
-    from ..segmenter import uses_tta
-    if uses_tta(tta_scales, tta_flip) and protocol not in ("semantic", "present"):
-        raise ValueError(f"--tta-scales and --tta-flip average label maps: they apply to --protocol semantic and "
-                         f"present, not {protocol}")
-
-
 def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: int | None = None,
              threshold: float | None = None, device: str = "cpu", json_path: str | None = None,
              report_path: str | None = None, max_images: int | None = None, episodes: int | None = None,
@@ -265,8 +256,8 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
              tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False) -> dict:
     """Evaluate a model on a dataset; returns the report dict (also written as JSON / Markdown if asked).
     ``decision``: how "none of these" is decided (``Segmenter.decision``; default the model's);
-    ``tta_scales`` / ``tta_flip``: test-time augmentation of the label maps (``Segmenter``'s; semantic and present
-    protocols)."""
+    ``tta_scales`` / ``tta_flip``: test-time augmentation (``Segmenter``'s: every protocol reads the averaged
+    views)."""
     import json
     from pathlib import Path
     from ..data.benchmarks import open_dataset
@@ -274,7 +265,6 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
     from ..segmenter import Segmenter
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
-    check_tta_protocol(protocol, tta_scales, tta_flip)
     if protocol == "novel-names" and not classes:
         raise ValueError("--protocol novel-names needs --classes with at least two of the dataset's class names")
     if split not in SPLITS:

@@ -87,9 +87,7 @@ class ModelTeacher:
 
     @torch.inference_mode()
     def probabilities(self, image) -> torch.Tensor:
-        seg = self.segmenter
-        if seg.tta:  # test-time augmentation: the views' mean logits (a teacher better than the student's one pass)
-            return seg.tta_logits(seg.prepare(image), self.names, seg.text_embeddings(self.names)).float().sigmoid()
+        seg = self.segmenter  # with test-time augmentation, encode/logits_from average the views
         return seg.logits_from(seg.encode(image), self.names).float().sigmoid()
 
 
