@@ -7,7 +7,7 @@ weights are read with ``git show REV:src/fusionseg/weights/default.safetensors``
 recorded settings (its threshold, its decision, its combination), so the ratio is what a user of each saw.
 
 Usage: python benchmarks/default_latency.py [--peer 13c47f5] [--model default] [--images 40] [--repeats 3]
-           [--tta-scales 1,1.4 --tta-flip] [--json docs/bench/default_latency.json]
+           [--tta-scales 1,1.4 --tta-flip [--bridge-size 448]] [--json docs/bench/default_latency.json]
            (then: python benchmarks/render.py README.md)
 Target (issue 16): today's default at most 1.5x the peer's latency. With ``--tta-scales`` / ``--tta-flip`` the
 measured model reads every photo with that test-time augmentation, and the same model without it is timed too
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tta-scales", default="1", help="test-time scales of the measured model (default 1: none)")
     ap.add_argument("--tta-flip", action="store_true", help="the measured model also reads each photo mirrored")
+    ap.add_argument("--bridge-size", type=int, default=None, help="the measured model's bridge reading size (px)")
     C.add_json_arg(ap, "default_latency")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -57,8 +58,9 @@ def main() -> None:
         scales = check_tta_scales(a.tta_scales)
     except ValueError as e:
         C.fail(f"--tta-scales: {e}")
-    tta = a.tta_flip or scales != (1.0,)
-    tta_label = f"scales {','.join(f'{v:g}' for v in scales)}" + (" + flip" if a.tta_flip else "")
+    tta = a.tta_flip or scales != (1.0,) or a.bridge_size is not None
+    tta_label = f"scales {','.join(f'{v:g}' for v in scales)}" + (" + flip" if a.tta_flip else "") + \
+        (f", bridge up to {a.bridge_size} px" if a.bridge_size is not None else "")
     ds = open_dataset(str(C.shared_data() / "coco2017_mini"))
     samples = []
     for i in range(min(a.images, len(ds))):
@@ -66,7 +68,8 @@ def main() -> None:
         if s.present():
             img = Image.open(s.image).convert("RGB") if isinstance(s.image, (str, Path)) else s.image
             samples.append((np.asarray(img), [ds.class_names[c - 1] for c in s.present()]))
-    segs = {"today": Segmenter.from_pretrained(a.model, tta_scales=scales, tta_flip=a.tta_flip),
+    segs = {"today": Segmenter.from_pretrained(a.model, tta_scales=scales, tta_flip=a.tta_flip,
+                                               bridge_size=a.bridge_size),
             f"default@{a.peer}": Segmenter.from_pretrained(str(peer_weights(a.peer)))}
     if tta:
         segs["one pass"] = Segmenter.from_pretrained(a.model)

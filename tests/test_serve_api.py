@@ -165,7 +165,7 @@ def test_model_health_openapi(real_client):
     assert m["image_encoder"]["name"] == "efficientnet-lite0" and m["text_encoder"]["name"] == "minilm-l6"
     assert m["preset"] == "small" and "cat" in m["classes_seen_in_training"]
     assert m["limits"]["max_classes"] == 20
-    assert m["test_time"] == {"scales": [1.0], "flip": False}
+    assert m["test_time"] == {"scales": [1.0], "flip": False, "bridge_size": 320}
     h = real_client.get("/healthz")
     assert h.status_code == 200 and h.json()["status"] == "ok"
     api = real_client.get("/openapi.json").json()
@@ -375,7 +375,7 @@ def test_server_wide_test_time_augmentation_reaches_every_request():
     svc = Service(ServeConfig(tta_scales=(1.0, 1.4), tta_flip=True))
     try:
         assert svc.seg.tta and svc.seg.tta_scales == (1.0, 1.4) and svc.seg.tta_flip
-        assert svc.model_info()["test_time"] == {"scales": [1.0, 1.4], "flip": True}
+        assert svc.model_info()["test_time"] == {"scales": [1.0, 1.4], "flip": True, "bridge_size": 320}
         img = Image.open(CAT).convert("RGB")
         one = svc.seg.predict(img, ["cat", "toilet"], decision="relative")
         from fusionseg.segmenter import Segmenter

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,21 @@ def test_cli_evaluate_with_tta_every_protocol(tiny, capsys):
                                   "--tta-flip", "--tta-scales", "1,1.5"], capsys)
         assert code == 0, err
         assert "miou" in out.lower()
+
+
+def test_the_bridge_reads_a_larger_view_at_its_own_size_up_to_bridge_size():
+    """A test-time view larger than ``bridge_size`` costs the bridge one more encoder pass at that size; with
+    ``bridge_size`` at least the view's size the bridge reads the view's own maps (no extra pass)."""
+    img = Image.open(Path(__file__).resolve().parents[1] / "examples" / "cat_toilet.jpg").convert("RGB")
+    seen = {}
+    for bs in (None, 448):
+        seg = Segmenter.from_pretrained("default", device="cpu", mode="bridge", tta_scales=(1.0, 1.4), bridge_size=bs)
+        assert seg.bridge_size == (320 if bs is None else 448)
+        enc, shapes = seg.model.encode_image, []
+        seg.model.encode_image = lambda x, enc=enc, shapes=shapes: shapes.append(max(x.shape[-2:])) or enc(x)
+        seg.predict(img, ["cat", "toilet"])
+        seen[bs] = sorted(shapes)
+    assert seen[None] == [320, 320, 448]  # the 448 view's bridge pass at 320
+    assert seen[448] == [320, 448]
+    with pytest.raises(ValueError, match="bridge size"):
+        Segmenter.from_pretrained("default", device="cpu", bridge_size=8)

@@ -65,7 +65,7 @@ class BatchPredictor:
                  size: int | None = None, threshold: float | None = None, mode: str = "auto",
                  runtime: str = "torch", output: str = "labels", background: bool = False, threads: int = 0,
                  tile: int | None = None, decision: str | None = None, tta_scales: Sequence[float] = (1.0,),
-                 tta_flip: bool = False):
+                 tta_flip: bool = False, bridge_size: int | None = None):
         import torch
         from .segmenter import Segmenter, parse_class_names
         if output not in OUTPUTS:
@@ -76,7 +76,7 @@ class BatchPredictor:
         self.output = output
         self.background = background
         kw = dict(device=device, size=size, threshold=threshold, tile=tile, mode=mode, decision=decision,
-                  tta_scales=tta_scales, tta_flip=tta_flip)
+                  tta_scales=tta_scales, tta_flip=tta_flip, bridge_size=bridge_size)
         self.segmenter = Segmenter.from_pretrained(model, runtime=runtime, **kw)
         self.threshold = self.segmenter.threshold
         self.decision = self.segmenter.decision

@@ -199,13 +199,19 @@ def _check_tta(a: argparse.Namespace) -> None:
         a.tta_scales = check_tta_scales("1" if a.tta_scales is None else a.tta_scales)
     except ValueError as e:
         raise CLIError(f"--tta-scales: {e}") from None
+    if a.bridge_size is not None and not 32 <= a.bridge_size <= 4096:
+        raise CLIError(f"--bridge-size must be between 32 and 4096 px, got {a.bridge_size}")
 
 
 def _tta_kw(a: argparse.Namespace) -> dict:
-    return dict(tta_scales=a.tta_scales, tta_flip=a.tta_flip)
+    return dict(tta_scales=a.tta_scales, tta_flip=a.tta_flip, bridge_size=a.bridge_size)
 
 
 def _add_tta_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bridge-size", type=int, default=None, metavar="PX",
+                   help="the training-free bridge reads a view larger than this many px (longer side) at this size "
+                        "(default 320); with --tta-scales, a larger value lets it read the larger views at their own "
+                        "size")
     p.add_argument("--tta-scales", default=None, metavar="LIST",
                    help="test-time augmentation: also read the image at these multiples of the working size and "
                         "average the logits, e.g. 1,1.4 (default 1: one pass; each scale costs a pass)")
@@ -308,8 +314,9 @@ def cmd_segment(a: argparse.Namespace) -> int:
         info = {"command": "segment", "classes": names, "model": str(a.model), "out": str(out), "ok": ok,
                 "failed": bad, "not_done": len(status) - ok - bad, "exit_code": code, "images": status}
         from .segmenter import uses_tta
-        if uses_tta(a.tta_scales, a.tta_flip):
-            info["test_time"] = {"scales": list(a.tta_scales), "flip": bool(a.tta_flip)}
+        if uses_tta(a.tta_scales, a.tta_flip) or a.bridge_size is not None:
+            info["test_time"] = {"scales": list(a.tta_scales), "flip": bool(a.tta_flip),
+                                 **({"bridge_size": a.bridge_size} if a.bridge_size is not None else {})}
         if interrupted:
             info["interrupted"] = interrupted
         write_text_atomic(json.dumps(info, indent=1), summary_path)

@@ -188,7 +188,8 @@ class Segmenter:
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
                  threshold: float | None = None, tile: int | None = None, text_cache: TextCache | None = None,
                  text_cache_size: int = 4096, mode: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 decision: str | None = None, tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False):
+                 decision: str | None = None, tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False,
+                 bridge_size: int | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         from .model.bridge import has_classifier
@@ -214,6 +215,12 @@ class Segmenter:
         self.max_pixels = int(max_pixels)  # largest image (width x height as declared), refused before decoding
         self.tta_scales = check_tta_scales(tta_scales)
         self.tta_flip = bool(tta_flip)
+        from .model.bridge import BRIDGE_SIZE
+        #: The bridge reads a canvas larger than this (longer side, px) at this size (the ImageNet head loses whole
+        #: objects in the stride-32 cells of a large canvas); at or below it, the canvas's own maps.
+        self.bridge_size = BRIDGE_SIZE if bridge_size is None else int(bridge_size)
+        if not 32 <= self.bridge_size <= 4096:
+            raise ValueError(f"bridge size must be between 32 and 4096 px, got {bridge_size}")
         self.text_cache = text_cache if text_cache is not None else TextCache(text_cache_size)
         self.mode = mode
         self._bridge = None
@@ -331,14 +338,13 @@ class Segmenter:
 
     def bridge_maps(self, x: torch.Tensor) -> list | None:
         """Padded input canvas ``(B, 3, H, W)`` -> the encoder's maps of the same canvas scaled so its longer side
-        is :data:`~fusionseg.model.bridge.BRIDGE_SIZE` (sides rounded up to the encoder's multiple), for the
+        is :attr:`bridge_size` (default :data:`~fusionseg.model.bridge.BRIDGE_SIZE`; sides rounded up to the encoder's multiple), for the
         bridge; None when the bridge is not used or the canvas is already that small (a test-time view larger
         than that is read by the bridge at that size, as a larger working size is)."""
-        from .model.bridge import BRIDGE_SIZE
         H, W = x.shape[-2:]
-        if self.mode == "fusion" or max(H, W) <= BRIDGE_SIZE:
+        if self.mode == "fusion" or max(H, W) <= self.bridge_size:
             return None
-        f = BRIDGE_SIZE / max(H, W)
+        f = self.bridge_size / max(H, W)
         m = int(getattr(self.model.image_encoder, "size_multiple", 32))
         size = (max(m, round_up(round(H * f), m)), max(m, round_up(round(W * f), m)))
         small = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)

@@ -253,11 +253,11 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
              report_path: str | None = None, max_images: int | None = None, episodes: int | None = None,
              progress: bool = True, examples: int = 4, classes: Sequence[str] | str | None = None,
              mode: str = "auto", split: str = "all", decision: str | None = None,
-             tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False) -> dict:
+             tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False, bridge_size: int | None = None) -> dict:
     """Evaluate a model on a dataset; returns the report dict (also written as JSON / Markdown if asked).
     ``decision``: how "none of these" is decided (``Segmenter.decision``; default the model's);
     ``tta_scales`` / ``tta_flip``: test-time augmentation (``Segmenter``'s: every protocol reads the averaged
-    views)."""
+    views); ``bridge_size``: ``Segmenter``'s (default ``BRIDGE_SIZE``)."""
     import json
     from pathlib import Path
     from ..data.benchmarks import open_dataset
@@ -271,7 +271,8 @@ def evaluate(model="default", data: str = "", protocol: str = "semantic", fold: 
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     ds = open_dataset(data, fold=fold)
     seg = model if isinstance(model, Segmenter) else Segmenter.from_pretrained(
-        model, device=device, mode=mode, decision=decision, tta_scales=tta_scales, tta_flip=tta_flip)
+        model, device=device, mode=mode, decision=decision, tta_scales=tta_scales, tta_flip=tta_flip,
+        bridge_size=bridge_size)
     if decision is not None and seg.decision != decision:
         seg = copy.copy(seg)  # the caller's segmenter keeps its own decision
         seg.decision = seg._decision(decision, None, seg.decision)

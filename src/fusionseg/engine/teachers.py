@@ -126,17 +126,17 @@ class MaskCLIPTeacher:
 
 def build_teacher(spec: str = "bridge", image_encoder: str | None = None, device: str = "cpu",
                   names: Sequence[str] | None = None, size: int = TEACHER_SIZE, tta_scales: Sequence[float] = (1.0,),
-                  tta_flip: bool = False):
+                  tta_flip: bool = False, bridge_size: int | None = None):
     """``bridge`` (the classifier bridge of ``image_encoder``, default efficientnet-lite0), ``maskclip`` (CLIP's
     dense map of an ``hf:`` CLIP ``image_encoder``) or a model (``default``, a checkpoint or a run folder).
-    ``tta_scales`` / ``tta_flip``: a model teacher reads each image with that test-time augmentation
-    (``Segmenter``'s); the training-free teachers take none (ValueError)."""
+    ``tta_scales`` / ``tta_flip`` / ``bridge_size``: how a model teacher reads each image (``Segmenter``'s); the
+    training-free teachers take none of them (ValueError)."""
     from ..choices import DEFAULT_IMAGE_ENCODER
     from ..encoders.base import build_image_encoder
     from ..segmenter import uses_tta
-    if uses_tta(tta_scales, tta_flip) and spec in ("bridge", "maskclip"):
-        raise ValueError(f"--tta-scales and --tta-flip apply to a model teacher (default, a checkpoint or a run "
-                         f"folder), not --teacher {spec}")
+    if (uses_tta(tta_scales, tta_flip) or bridge_size is not None) and spec in ("bridge", "maskclip"):
+        raise ValueError(f"--tta-scales, --tta-flip and --bridge-size apply to a model teacher (default, a checkpoint "
+                         f"or a run folder), not --teacher {spec}")
     if spec == "bridge":
         from ..model.bridge import has_classifier
         enc = build_image_encoder(image_encoder or DEFAULT_IMAGE_ENCODER)
@@ -154,5 +154,5 @@ def build_teacher(spec: str = "bridge", image_encoder: str | None = None, device
         require_maskclip(enc)
         return MaskCLIPTeacher(enc.to(device), names, size=size)
     from ..segmenter import Segmenter
-    return ModelTeacher(Segmenter.from_pretrained(spec, device=device, tta_scales=tta_scales, tta_flip=tta_flip),
-                        names)
+    return ModelTeacher(Segmenter.from_pretrained(spec, device=device, tta_scales=tta_scales, tta_flip=tta_flip,
+                                                  bridge_size=bridge_size), names)

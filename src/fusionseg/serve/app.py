@@ -48,7 +48,7 @@ class ServeConfig:
     max_upload_bytes: largest image file; max_pixels: largest image (width x height, read from the header
     before decoding); max_classes: most class names per request; timeout: seconds before a 504;
     threads: torch CPU threads (0 = torch's choice); text_cache: class-name embeddings kept in memory;
-    tta_scales / tta_flip: test-time augmentation of every request (``Segmenter``'s; each view is a full pass).
+    tta_scales / tta_flip / bridge_size: how every request is read (``Segmenter``'s; each view is a full pass).
     """
 
     model: str = "default"
@@ -64,6 +64,7 @@ class ServeConfig:
     text_cache: int = 4096
     tta_scales: tuple = (1.0,)
     tta_flip: bool = False
+    bridge_size: int | None = None
 
     def check(self) -> "ServeConfig":
         for k in ("workers", "max_upload_bytes", "max_pixels", "max_classes", "text_cache"):
@@ -206,7 +207,7 @@ class Service:
         t0 = time.time()
         self.seg = segmenter if segmenter is not None else Segmenter.from_pretrained(
             cfg.model, device=cfg.device, size=cfg.size, text_cache_size=cfg.text_cache, tta_scales=cfg.tta_scales,
-            tta_flip=cfg.tta_flip)
+            tta_flip=cfg.tta_flip, bridge_size=cfg.bridge_size)
         self.load_seconds = round(time.time() - t0, 2)
         self.pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fusionseg-serve")
         self.capacity = cfg.workers + cfg.queue
@@ -284,7 +285,8 @@ class Service:
             "preset": c.get("preset"), "parameters": tr.get("parameters"),
             "image_size": self.seg.size, "threshold": self.seg.threshold, "device": str(self.seg.device),
             "test_time": {"scales": list(getattr(self.seg, "tta_scales", (1.0,))),
-                          "flip": bool(getattr(self.seg, "tta_flip", False))},
+                          "flip": bool(getattr(self.seg, "tta_flip", False)),
+                          "bridge_size": getattr(self.seg, "bridge_size", None)},
             "classes_seen_in_training": list(tr.get("vocabulary", []) or []),
             "limits": {"max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
                        "max_classes": self.cfg.max_classes, "timeout_seconds": self.cfg.timeout,
