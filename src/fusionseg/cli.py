@@ -194,13 +194,15 @@ def _check_segment_args(a: argparse.Namespace) -> None:
 
 def _check_tta(a: argparse.Namespace) -> None:
     """--tta-scales "1,1.4" -> a.tta_scales as a tuple (one line on a bad list)."""
-    from .segmenter import check_tta_scales
+    from .segmenter import check_bridge_size, check_tta_scales
     try:
         a.tta_scales = check_tta_scales("1" if a.tta_scales is None else a.tta_scales)
     except ValueError as e:
         raise CLIError(f"--tta-scales: {e}") from None
-    if a.bridge_size is not None and not 32 <= a.bridge_size <= 4096:
-        raise CLIError(f"--bridge-size must be between 32 and 4096 px, got {a.bridge_size}")
+    try:
+        check_bridge_size(a.bridge_size)
+    except ValueError as e:
+        raise CLIError(f"--bridge-size: {e}") from None
 
 
 def _tta_kw(a: argparse.Namespace) -> dict:

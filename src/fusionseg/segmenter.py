@@ -93,6 +93,21 @@ def check_tta_scales(scales) -> tuple[float, ...]:
     return out
 
 
+#: The bridge's reading size (``bridge_size``, px on the longer side) lies in this range.
+BRIDGE_SIZE_RANGE = (32, 4096)
+
+
+def check_bridge_size(size) -> int | None:
+    """``size`` (px, or None for the default) -> int or None; ValueError with one sentence outside
+    :data:`BRIDGE_SIZE_RANGE`."""
+    if size is None:
+        return None
+    lo, hi = BRIDGE_SIZE_RANGE
+    if not lo <= int(size) <= hi:
+        raise ValueError(f"bridge size must be between {lo} and {hi} px, got {size}")
+    return int(size)
+
+
 def uses_tta(scales: Sequence[float], flip: bool) -> bool:
     """Whether these test-time settings read more than the one plain view (the working size, unmirrored)."""
     return bool(flip) or tuple(float(v) for v in scales) != (1.0,)
@@ -170,6 +185,12 @@ class Preparer:
         return pad_to(x, round_up(h, self.multiple), round_up(w, self.multiple)), (h, w)
 
 
+def _region(low: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> tuple[float, float]:
+    """The (w, h) of ``low``'s grid that shows the image, for a canvas ``padded`` (H, W) holding it at ``valid``."""
+    (H, W), (h, w) = padded, valid
+    return w * low.shape[-1] / W, h * low.shape[-2] / H
+
+
 class Segmenter:
     """Predictor over a trained Fusioner.
 
@@ -180,9 +201,11 @@ class Segmenter:
     ``tile``: window side in px at the working size for sliding-window inference (``None``: automatic, only
     above ``AUTO_TILE_ABOVE`` px; ``0``: never). ``text_cache``: a :class:`TextCache` (shared between
     segmenters if you like); by default a private one of ``text_cache_size`` entries.
-    ``tta_scales`` / ``tta_flip``: test-time augmentation of label maps (:meth:`predict`): the image is also read
-    at these multiples of the working size and/or mirrored, and the logits of all views are averaged on the
-    working-size grid before the decision. Each view costs one more encoder and fusion pass.
+    ``tta_scales`` / ``tta_flip``: test-time augmentation (:meth:`predict`, and :meth:`encode` with
+    :meth:`logits_from`): the image is also read at these multiples of the working size and/or mirrored, and the
+    logits of all views are averaged on the working-size grid before the decision. Each view costs one more
+    encoder and fusion pass. ``bridge_size``: the bridge reads a larger view at this size (default
+    :data:`~fusionseg.model.bridge.BRIDGE_SIZE`).
     """
 
     def __init__(self, model, meta: dict, device: str | torch.device = "cpu", size: int | None = None,
@@ -218,9 +241,8 @@ class Segmenter:
         from .model.bridge import BRIDGE_SIZE
         #: The bridge reads a canvas larger than this (longer side, px) at this size (the ImageNet head loses whole
         #: objects in the stride-32 cells of a large canvas); at or below it, the canvas's own maps.
-        self.bridge_size = BRIDGE_SIZE if bridge_size is None else int(bridge_size)
-        if not 32 <= self.bridge_size <= 4096:
-            raise ValueError(f"bridge size must be between 32 and 4096 px, got {bridge_size}")
+        bridge_size = check_bridge_size(bridge_size)
+        self.bridge_size = BRIDGE_SIZE if bridge_size is None else bridge_size
         self.text_cache = text_cache if text_cache is not None else TextCache(text_cache_size)
         self.mode = mode
         self._bridge = None
@@ -338,8 +360,8 @@ class Segmenter:
 
     def bridge_maps(self, x: torch.Tensor) -> list | None:
         """Padded input canvas ``(B, 3, H, W)`` -> the encoder's maps of the same canvas scaled so its longer side
-        is :attr:`bridge_size` (default :data:`~fusionseg.model.bridge.BRIDGE_SIZE`; sides rounded up to the encoder's multiple), for the
-        bridge; None when the bridge is not used or the canvas is already that small (a test-time view larger
+        is :attr:`bridge_size` (default :data:`~fusionseg.model.bridge.BRIDGE_SIZE`; sides rounded up to the
+        encoder's multiple), for the bridge; None when the bridge is not used or the canvas is already that small (a test-time view larger
         than that is read by the bridge at that size, as a larger working size is)."""
         H, W = x.shape[-2:]
         if self.mode == "fusion" or max(H, W) <= self.bridge_size:
@@ -357,16 +379,12 @@ class Segmenter:
         names = list(class_names)
         text = self.text_embeddings(names)
         if encoded.views:  # test-time views, averaged on the working-size grid
-            h, w = encoded.valid
-            total = None
-            for ev, flip in encoded.views:
+            def view_logits(ev: EncodedImage) -> tuple[torch.Tensor, tuple[float, float]]:
                 with self._autocast():
                     low = self.low_logits(ev.visual, names, text, [_frac(ev.valid, ev.padded)],
-                                          lambda ev=ev: ev.bridge_visual)[0].float()
-                (H, W), (vh, vw) = ev.padded, ev.valid
-                lg = self._on_grid(low, (vw * low.shape[-1] / W, vh * low.shape[-2] / H), (w, h), flip)
-                total = lg if total is None else total.add_(lg)
-            return total / len(encoded.views)
+                                          lambda: ev.bridge_visual)[0].float()
+                return low, _region(low, ev.padded, ev.valid)
+            return self._mean_on_grid(((*view_logits(ev), flip) for ev, flip in encoded.views), encoded.valid)
         with self._autocast():
             low = self.low_logits(encoded.visual, names, text, [_frac(encoded.valid, encoded.padded)],
                                   lambda: encoded.bridge_visual)
@@ -483,12 +501,7 @@ class Segmenter:
         mean over every view: each of :attr:`tta_scales` (the image prepared at that multiple of the working size;
         from ``p.views``, else resampled from ``p``), and with :attr:`tta_flip` each of those mirrored too (its
         logits mirrored back)."""
-        h, w = p.valid
-        total, views = None, self._tta_views(p)
-        for v, flip in views:
-            lg = self._on_grid(*self._lowres(v, text, names), (w, h), flip)
-            total = lg if total is None else total.add_(lg)
-        return total / len(views)
+        return self._mean_on_grid(((*self._lowres(v, text, names), flip) for v, flip in self._tta_views(p)), p.valid)
 
     def _tta_views(self, p: Prepared) -> list[tuple[Prepared, bool]]:
         """The views of test-time augmentation: ``p`` at each of :attr:`tta_scales` and, with :attr:`tta_flip`,
@@ -504,11 +517,16 @@ class Segmenter:
         return out
 
     @staticmethod
-    def _on_grid(low: torch.Tensor, region: tuple[float, float], size: tuple[int, int], flip: bool) -> torch.Tensor:
-        """A view's logits ``(N, hl, wl)`` whose ``region`` (w, h) shows the image -> ``(N, h, w)`` on the grid of
-        ``size`` = (w, h), mirrored back when the view was mirrored."""
-        lg = next(upsample_rows(low, size, size[1], region))[2]
-        return lg.flip(-1) if flip else lg
+    def _mean_on_grid(views, valid: tuple[int, int]) -> torch.Tensor:
+        """(logits ``(N, hl, wl)``, the ``region`` (w, h) of them that shows the image, mirrored) per view ->
+        their mean ``(N, h, w)`` on the working-size grid ``valid`` = (h, w), each mirrored view mirrored back."""
+        h, w = valid
+        total, k = None, 0
+        for low, region, flip in views:
+            lg = next(upsample_rows(low, (w, h), h, region))[2]
+            lg = lg.flip(-1) if flip else lg
+            total, k = (lg if total is None else total.add_(lg)), k + 1
+        return total / k
 
     def _view(self, p: Prepared, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """``p`` at working size ``size``: its prepared view, or (made elsewhere, without views) resampled."""
@@ -534,8 +552,7 @@ class Segmenter:
             visual = self.model.encode_image(x)
             low = self.low_logits(visual, names, text, [_frac(p.valid, tuple(x.shape[-2:]))],
                                   lambda: self.bridge_maps(x))[0].float()
-        (H, W), (h, w) = x.shape[-2:], p.valid
-        return low, (w * low.shape[-1] / W, h * low.shape[-2] / H)
+        return low, _region(low, tuple(x.shape[-2:]), p.valid)
 
     @torch.inference_mode()
     def _tiled_lowres(self, p: Prepared, text: torch.Tensor, tile: int, names: Sequence[str]) -> tuple[torch.Tensor, tuple[float, float]]:
