@@ -148,14 +148,24 @@ def resolve_resume(cfg: TrainConfig) -> tuple[Path, bool]:
 
 
 def init_from(head: FusionHead, spec: str) -> None:
-    """Load a checkpoint's trained weights into ``head`` (same encoders' shapes and preset), for fine-tuning."""
+    """Load a checkpoint's trained weights into ``head`` (same encoders' shapes and preset), for fine-tuning.
+
+    A plain checkpoint may start a ``--bridge-prior`` head: the parts only that head has (:data:`PRIOR_ONLY`: the
+    unknown-name token and the prior refiner, whose last layers start at zero) keep their fresh initialisation,
+    so the fine-tune starts from the checkpoint's own predictions."""
     from ..model.checkpoint import load_model
     model, _ = load_model(spec, "cpu")
     src, dst = model.head.state_dict(), head.state_dict()
-    bad = [k for k in dst if k not in src or src[k].shape != dst[k].shape]
+    fresh = [k for k in dst if k not in src and k.startswith(PRIOR_ONLY)]
+    bad = [k for k in dst if k not in fresh and (k not in src or src[k].shape != dst[k].shape)] + \
+        [k for k in src if k not in dst]
     if bad:
         raise TrainError(f"--init {spec}: its weights do not fit this model ({bad[0]}); use the same encoders and preset")
-    head.load_state_dict({k: v.float() for k, v in src.items()})
+    head.load_state_dict({**{k: dst[k] for k in fresh}, **{k: v.float() for k, v in src.items()}})
+
+
+#: State-dict keys of the parts a ``--bridge-prior`` head adds to a plain one.
+PRIOR_ONLY = ("unknown_token", "prior_refine.")
 
 
 class Trainer:
