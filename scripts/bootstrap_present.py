@@ -12,8 +12,9 @@ Usage:
   python scripts/bootstrap_present.py --model default --model runs/ft448_cpc/final.safetensors --size 320 \\
       --decision relative --data ../shared/data/coco2017_mini [--samples 2000] [--json out.json]
 MODEL ``default@REV`` is the default shipped at git revision REV (as in ``scripts/everyday_study.py``);
-``MODEL:TTA[:BRIDGE]`` reads with test-time augmentation (``1,1.4+flip``: scales, ``+flip`` to mirror too) and
-the bridge's reading size BRIDGE px (``--bridge-size``), so ``--model default --model default:1,1.4+flip`` asks
+``MODEL:TTA[:BRIDGE[:SIZE]]`` reads with test-time augmentation (``1,1.4+flip``: scales, ``+flip`` to mirror
+too), the bridge's reading size BRIDGE px (``--bridge-size``) and this model's own working size SIZE px (over
+``--size``), so ``--model default --model default:1,1.4+flip`` asks
 whether the test-time views' gain is resolved.
 """
 from __future__ import annotations
@@ -33,9 +34,11 @@ def image_matrices(model: str, data: str, size: int | None, decision: str | None
     from fusionseg.segmenter import Segmenter
     from everyday_study import resolve_model, tta_args
     path, _, rest = model.partition(":")
-    tta, _, bridge = rest.partition(":")
+    tta, _, rest = rest.partition(":")
+    bridge, _, own = rest.partition(":")
     scales, flip = tta_args(tta or None)
-    seg = Segmenter.from_pretrained(resolve_model(path), device="cpu", size=size, decision=decision,
+    seg = Segmenter.from_pretrained(resolve_model(path), device="cpu", size=int(own) if own else size,
+                                    decision=decision,
                                     tta_scales=scales, tta_flip=flip, bridge_size=int(bridge) if bridge else None)
     ds = heldout_subset(open_dataset(data), seg.meta)
     cms: list = []

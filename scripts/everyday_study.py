@@ -9,9 +9,10 @@ Usage:
   python scripts/everyday_study.py --row "today (auto)=default" --row "today, bridge=default:bridge" \\
       --row "self-trained=runs/st/final.safetensors" --data-root ../shared/data \\
       --json docs/bench/everyday.json --results docs/RESULTS.md
-A row is ``LABEL=MODEL[:MODE[:THRESHOLD[:DECISION[:TTA[:BRIDGE]]]]]`` (DECISION: threshold or relative; default
+A row is ``LABEL=MODEL[:MODE[:THRESHOLD[:DECISION[:TTA[:BRIDGE[:SIZE]]]]]]`` (DECISION: threshold or relative; default
 the model's; TTA: test-time scales, ``+flip`` to mirror too, e.g. ``1,1.4+flip``; default none; BRIDGE: the
-bridge's reading size in px, ``--bridge-size``; default 320); MODEL ``default@REV`` is the default model shipped at git revision REV
+bridge's reading size in px, ``--bridge-size``; default 320; SIZE: the working size in px, ``--size``; default the
+model's); MODEL ``default@REV`` is the default model shipped at git revision REV
 (read with ``git show``), so rows of earlier defaults stay reproducible.
 """
 from __future__ import annotations
@@ -27,10 +28,10 @@ BRIEF_BEGIN, BRIEF_END = "<!-- everyday-brief:begin -->", "<!-- everyday-brief:e
 DATASETS = ("coco2017_mini", "coco128_seg", "msrc_v2", "camvid", "weizmann_horse")
 
 
-def parse_row(spec: str) -> tuple[str, str, str, float | None, str | None, str | None, int | None]:
+def parse_row(spec: str) -> tuple[str, str, str, float | None, str | None, str | None, int | None, int | None]:
     label, sep, rest = spec.partition("=")
     if not sep or not label.strip() or not rest.strip():
-        raise SystemExit(f"--row {spec!r}: expected LABEL=MODEL[:MODE[:THRESHOLD[:DECISION[:TTA[:BRIDGE]]]]]")
+        raise SystemExit(f"--row {spec!r}: expected LABEL=MODEL[:MODE[:THRESHOLD[:DECISION[:TTA[:BRIDGE[:SIZE]]]]]]")
     parts = rest.split(":")
     model = parts[0]
     mode = parts[1] if len(parts) > 1 and parts[1] else "auto"
@@ -49,7 +50,11 @@ def parse_row(spec: str) -> tuple[str, str, str, float | None, str | None, str |
         bridge = int(parts[5]) if len(parts) > 5 and parts[5] else None
     except ValueError:
         raise SystemExit(f"--row {spec!r}: BRIDGE must be a size in px or empty, got {parts[5]!r}")
-    return label.strip(), model, mode, thr, decision, tta, bridge
+    try:
+        size = int(parts[6]) if len(parts) > 6 and parts[6] else None
+    except ValueError:
+        raise SystemExit(f"--row {spec!r}: SIZE must be a working size in px or empty, got {parts[6]!r}")
+    return label.strip(), model, mode, thr, decision, tta, bridge, size
 
 
 def tta_args(tta: str | None) -> tuple[tuple[float, ...], bool]:
@@ -64,12 +69,13 @@ def tta_args(tta: str | None) -> tuple[tuple[float, ...], bool]:
 
 
 def command(model: str, mode: str, thr: float | None, data: str, decision: str | None = None,
-            tta: str | None = None, bridge: int | None = None) -> str:
+            tta: str | None = None, bridge: int | None = None, size: int | None = None) -> str:
     c = f"fusionseg evaluate --protocol present --split val --model {model} --mode {mode} --data {data}"
     c += (f" --threshold {thr}" if thr is not None else "") + (f" --decision {decision}" if decision else "")
     scales, flip = tta_args(tta)
     return c + (f" --tta-scales {','.join(f'{v:g}' for v in scales)}" if scales != (1.0,) else "") + \
-        (" --tta-flip" if flip else "") + (f" --bridge-size {bridge}" if bridge is not None else "")
+        (" --tta-flip" if flip else "") + (f" --bridge-size {bridge}" if bridge is not None else "") + \
+        (f" --size {size}" if size is not None else "")
 
 
 def resolve_model(model: str) -> str:
@@ -87,11 +93,11 @@ def resolve_model(model: str) -> str:
 
 
 def run_row(model: str, mode: str, thr: float | None, root: Path, decision: str | None = None,
-            tta: str | None = None, bridge: int | None = None) -> dict:
+            tta: str | None = None, bridge: int | None = None, size: int | None = None) -> dict:
     from fusionseg.engine.evaluate import evaluate
     from fusionseg.segmenter import Segmenter
     scales, flip = tta_args(tta)
-    seg = Segmenter.from_pretrained(resolve_model(model), device="cpu", mode=mode, decision=decision,
+    seg = Segmenter.from_pretrained(resolve_model(model), device="cpu", mode=mode, decision=decision, size=size,
                                     tta_scales=scales, tta_flip=flip, bridge_size=bridge)
     out = {}
     for name in DATASETS:
@@ -102,7 +108,7 @@ def run_row(model: str, mode: str, thr: float | None, root: Path, decision: str 
         r = evaluate(seg, str(d), protocol="present", split="val", threshold=thr, progress=False)
         out[name] = {"miou": r["miou"], "images": r["images"], "low": len(r["low_iou_classes"]),
                      "classes": r["classes_evaluated"], "per_class": r["per_class"],
-                     "command": command(model, mode, thr, str(d), decision, tta, bridge),
+                     "command": command(model, mode, thr, str(d), decision, tta, bridge, size),
                      "seconds": round(time.time() - t0, 1)}
         print(f"  {name}: mIoU {r['miou']:.3f}, {out[name]['low']} of {r['classes_evaluated']} classes < 0.05 "
               f"({r['images']} images, {out[name]['seconds']} s)", flush=True)
@@ -118,7 +124,7 @@ def render(rows: dict, markers: tuple[str, str] = (BEGIN, END)) -> list[str]:
          "Protocol: each held-out image segmented with exactly the classes its ground truth shows "
          "(`evaluate --protocol present --split val`); confusion-matrix mIoU over the classes present; "
          "\"low\": classes below IoU 0.05, of the classes present. Each row is "
-         "`LABEL=MODEL:MODE:THRESHOLD:DECISION[:TTA[:BRIDGE]]` given to `--row`; re-run with `--row` for each row, "
+         "`LABEL=MODEL:MODE:THRESHOLD:DECISION[:TTA[:BRIDGE[:SIZE]]]` given to `--row`; re-run with `--row` for each row, "
          "`--json docs/bench/everyday.json --results docs/RESULTS.md` (the README's short table: `--brief LABEL` "
          "for each of its rows and `--brief-results README.md`).", "",
          "| row | model : mode : threshold or decision | COCO 2017 mIoU (low / classes) | COCO128 | MSRC | CamVid | Weizmann horse |",
@@ -131,7 +137,8 @@ def render(rows: dict, markers: tuple[str, str] = (BEGIN, END)) -> list[str]:
             return "" if x is None else f"{_f(x['miou'])} ({x['low']} / {x['classes']})"
         how = r["threshold"] if r["threshold"] is not None else (r.get("decision") or "model's")
         spec = f"`{r['model']}` : {r['mode']} : {how}" + (f" : test-time {r['tta']}" if r.get("tta") else "") + \
-            (f" : bridge {r['bridge']} px" if r.get("bridge") else "")
+            (f" : bridge {r['bridge']} px" if r.get("bridge") else "") + \
+            (f" : working size {r['size']} px" if r.get("size") else "")
         L.append(f"| {label} | {spec} | {cell('coco2017_mini')} | {cell('coco128_seg')} | {cell('msrc_v2')} | "
                  f"{cell('camvid')} | {cell('weizmann_horse')} |")
     return L + ["", markers[1]]
@@ -155,7 +162,7 @@ def write_between(path: Path, lines: list[str], section: str = "Everyday photos:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--row", action="append", default=[],
-                    help="LABEL=MODEL[:MODE[:THRESHOLD[:DECISION[:TTA[:BRIDGE]]]]] (repeatable)")
+                    help="LABEL=MODEL[:MODE[:THRESHOLD[:DECISION[:TTA[:BRIDGE[:SIZE]]]]]] (repeatable)")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--json", default="docs/bench/everyday.json")
     ap.add_argument("--results", action="append", default=[],
@@ -173,16 +180,18 @@ def main() -> None:
     jp = Path(a.json)
     rows = json.loads(jp.read_text()) if jp.is_file() else {}
     for spec in a.row:
-        label, model, mode, thr, decision, tta, bridge = parse_row(spec)
+        label, model, mode, thr, decision, tta, bridge, size = parse_row(spec)
         old = rows.get(label)
-        if old and not a.fresh and (old["model"], old["mode"], old["threshold"], old.get("decision"),
-                                    old.get("tta"), old.get("bridge")) == (model, mode, thr, decision, tta, bridge):
+        if old and not a.fresh and (old["model"], old["mode"], old["threshold"], old.get("decision"), old.get("tta"),
+                                    old.get("bridge"), old.get("size")) == (model, mode, thr, decision, tta, bridge,
+                                                                            size):
             print(f"{label}: kept from {jp}")
             continue
-        print(f"{label}: {model} : {mode} : {thr} : {decision} : {tta} : {bridge}", flush=True)
+        print(f"{label}: {model} : {mode} : {thr} : {decision} : {tta} : {bridge} : {size}", flush=True)
         rows[label] = {"model": model, "mode": mode, "threshold": thr, "decision": decision,
                        **({"tta": tta} if tta else {}), **({"bridge": bridge} if bridge is not None else {}),
-                       "results": run_row(model, mode, thr, Path(a.data_root), decision, tta, bridge)}
+                       **({"size": size} if size is not None else {}),
+                       "results": run_row(model, mode, thr, Path(a.data_root), decision, tta, bridge, size)}
         jp.parent.mkdir(parents=True, exist_ok=True)
         jp.write_text(json.dumps(rows, indent=1))
     for res in a.results:

@@ -47,8 +47,12 @@ def test_test_time_rows_parse_and_print_their_command():
         tta_args("1,1.4+flop")
     with pytest.raises(SystemExit, match="TTA"):
         parse_row("x=default:auto::relative:1,9")
-    assert parse_row("x=default:auto::relative:1,1.4+flip")[-2:] == ("1,1.4+flip", None)
-    assert parse_row("x=default:auto::relative:1,1.4+flip:448")[-1] == 448
+    assert parse_row("x=default:auto::relative:1,1.4+flip")[-3:] == ("1,1.4+flip", None, None)
+    assert parse_row("x=default:auto::relative:1,1.4+flip:448")[-2:] == (448, None)
+    assert parse_row("x=default:auto::relative::448:448")[-3:] == (None, 448, 448)  # SIZE: the working size
+    with pytest.raises(SystemExit, match="SIZE"):
+        parse_row("x=default:auto::relative:::big")
+    assert command("default", "auto", None, "d", None, None, 448, 448).endswith("--bridge-size 448 --size 448")
     assert command("default", "auto", None, "d", None, "1,1.4", 448).endswith("--tta-scales 1,1.4 --bridge-size 448")
     c = command("default", "auto", None, "d", "relative", "1,1.4+flip")
     assert c.endswith("--decision relative --tta-scales 1,1.4 --tta-flip")
