@@ -14,6 +14,10 @@ Parts (``--parts``, default all):
   training never used.
 * ``msrc6``: the six MSRC names cow, sheep, cat, dog, boat, flower excluded everywhere, and every MSRC image
   that shows one of them held out of training; evaluated on those images.
+* ``testtime`` (not in the default parts): the fusion run of each of ``--testtime-on`` (``foldF`` / ``msrc6``,
+  trained as for ``selftrain`` when missing) read with the opt-in test-time views and bridge size
+  (``TESTTIME_ROWS``), on its held-out images; table between ``<!-- study-testtime:begin -->`` and
+  ``<!-- study-testtime:end -->``.
 * ``selftrain`` (not in the default parts; needs ``--pseudo DIR``, a ``fusionseg pseudo-label`` collection):
   does a teacher's vocabulary teach the fusion model names it never saw? For each of ``--selftrain-on`` (COCO
   folds ``foldF`` and/or ``msrc6``) the same fusion run is trained again with the pseudo-labels added and
@@ -112,16 +116,17 @@ def variants(run: Path, nofusion_run: Path, bridge_alone: bool, rows: set[str] |
     return [v for v in out if rows is None or v[0] in rows]
 
 
-def novel_rows(rows_to_do: list[tuple[str, Path, str]], ds, names: list[str], threads: int) -> dict:
-    """The novel-names protocol on ``ds`` for ``names``, one row per (label, run folder, scoring mode)."""
+def novel_rows(rows_to_do: list[tuple], ds, names: list[str], threads: int) -> dict:
+    """The novel-names protocol on ``ds`` for ``names``, one row per (label, run folder, scoring mode[, reading]):
+    ``reading``, the ``Segmenter`` keywords of how each image is read (test-time views, the bridge's size)."""
     import torch
     from fusionseg.engine.evaluate import evaluate_novel_names
     from fusionseg.segmenter import Segmenter
     torch.set_num_threads(threads)
     rows = {}
-    for label, path, mode in rows_to_do:
+    for label, path, mode, *reading in rows_to_do:
         t0 = time.time()
-        seg = Segmenter.from_pretrained(path, device="cpu", mode=mode)
+        seg = Segmenter.from_pretrained(path, device="cpu", mode=mode, **(reading[0] if reading else {}))
         r = evaluate_novel_names(seg, ds, names, progress=False)
         r["seconds"] = round(time.time() - t0, 1)
         rows[label] = r
@@ -148,10 +153,31 @@ def fold_heldout(run: Path, folders: dict, novel: list[str]):
     return ds, [n for n in novel if ds.class_names.index(n) + 1 in present]
 
 
+def part_names(key: str, names80: list[str], folders: dict, flag: str):
+    """A part named ``foldF`` or ``msrc6`` -> (names excluded from training, image ids held out of it, the novel
+    names, a function run folder -> (its held-out images, the novel names they show))."""
+    if key == "msrc6":
+        msrc, shown = msrc6_images(folders["msrc_v2"])
+        return MSRC6, [DEMO_ID] + shown, MSRC6, lambda run: (msrc.subset(shown), MSRC6)
+    if key.startswith("fold") and key[4:] in ("0", "1", "2", "3"):
+        novel = fold_names(names80, int(key[4:]))
+        return with_aliases(novel), [DEMO_ID], novel, lambda run: fold_heldout(run, folders, novel)
+    raise SystemExit(f"{flag}: expected fold0..fold3 or msrc6, got {key!r}")
+
+
 SELFTRAIN_ROWS = (("people's labels, fusion", "base", "fusion"), ("+ pseudo-labels, fusion", "pl", "fusion"),
                   ("bridge alone", "base", "bridge"), ("people's labels, fusion+bridge", "base", "fusion+bridge"),
                   ("+ pseudo-labels, fusion+bridge", "pl", "fusion+bridge"))
 SELFTRAIN_BEGIN, SELFTRAIN_END = "<!-- study-selftrain:begin -->", "<!-- study-selftrain:end -->"
+#: The testtime part: how the opt-in reading options (test-time views, the bridge's size) do on unseen names.
+_TTA = {"tta_scales": (1.0, 1.4), "tta_flip": True}
+TESTTIME_ROWS = (("fusion alone, one pass", "fusion", {}), ("fusion alone, test-time 1,1.4+flip", "fusion", _TTA),
+                 ("bridge alone, one pass", "bridge", {}),
+                 ("bridge alone, test-time 1,1.4+flip, bridge 448 px", "bridge", {**_TTA, "bridge_size": 448}),
+                 ("fusion+bridge, one pass", "fusion+bridge", {}),
+                 ("fusion+bridge, test-time 1,1.4+flip", "fusion+bridge", _TTA),
+                 ("fusion+bridge, test-time 1,1.4+flip, bridge 448 px", "fusion+bridge", {**_TTA, "bridge_size": 448}))
+TESTTIME_BEGIN, TESTTIME_END = "<!-- study-testtime:begin -->", "<!-- study-testtime:end -->"
 
 
 def selftrain_rows(base: Path, pl: Path, ds, names: list[str], threads: int) -> dict:
@@ -159,31 +185,53 @@ def selftrain_rows(base: Path, pl: Path, ds, names: list[str], threads: int) -> 
     and with the bridge, and the bridge alone."""
     rows = novel_rows([(label, base if which == "base" else pl, mode) for label, which, mode in SELFTRAIN_ROWS],
                       ds, names, threads)
-    return {label: {k: r[k] for k in ("discrimination", "chance", "miou", "fbiou", "trivial_miou", "shuffled_miou",
-                                      "auc_gap")} for label, r in rows.items()}
+    return {label: table_fields(r) for label, r in rows.items()}
+
+
+def table_fields(r: dict, *extra: str) -> dict:
+    """What the selftrain and testtime tables keep of a novel-names report."""
+    return {k: r.get(k) for k in ("discrimination", "chance", "miou", "fbiou", "trivial_miou", "shuffled_miou",
+                                  "auc_gap") + extra}
 
 
 def selftrain_table(entry: dict) -> list[str]:
     """The selftrain part's Markdown, markers included (``everyday_study.write_between``'s form)."""
-    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     steps = sorted({r["steps"] for e in entry.values() for r in e["train"].values()})
-    L = [SELFTRAIN_BEGIN, "", "Generated by `python scripts/zero_shot_study.py --parts selftrain --pseudo DIR "
-         "--results docs/RESULTS.md` (results in the study's `results.json`). Each pair of runs is the same "
-         f"{'/'.join(map(str, steps))}-step fusion training with the same names excluded, without and with the "
-         "pseudo-label collection "
-         "(its teacher classes that have an excluded name among their synonyms or hypernyms removed too); the "
-         "novel-names protocol on the same held-out images.", ""]
+    return [SELFTRAIN_BEGIN, "", "Generated by `python scripts/zero_shot_study.py --parts selftrain --pseudo DIR "
+            "--results docs/RESULTS.md` (results in the study's `results.json`). Each pair of runs is the same "
+            f"{'/'.join(map(str, steps))}-step fusion training with the same names excluded, without and with the "
+            "pseudo-label collection "
+            "(its teacher classes that have an excluded name among their synonyms or hypernyms removed too); the "
+            "novel-names protocol on the same held-out images.", ""] + \
+        part_tables(entry, lambda e: f"pseudo-labels: `{e['pseudo']}`, synonym rate {e['synonym_rate']}; ") + \
+        [SELFTRAIN_END]
+
+
+def testtime_table(entry: dict) -> list[str]:
+    """The testtime part's Markdown, markers included."""
+    return [TESTTIME_BEGIN, "", "Generated by `python scripts/zero_shot_study.py --parts testtime --results "
+            "docs/RESULTS.md` (results in the study's `results.json`): the study's fusion run of each part (the "
+            "names excluded from its training) read once or with the opt-in reading options, the novel-names "
+            "protocol on the part's held-out images; seconds: the whole row on this machine's 2 cores.", ""] + \
+        part_tables(entry, seconds=True) + [TESTTIME_END]
+
+
+def part_tables(entry: dict, about=lambda e: "", seconds: bool = False) -> list[str]:
+    """One table per part of ``entry`` (its rows: :func:`table_fields`), headed by what the part is."""
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    L = []
     for key, e in entry.items():
         some = next(iter(e["rows"].values()))
         L += [f"**{key}** ({e['images']} held-out images, {len(e['novel_present'])} unseen names present; "
-              f"pseudo-labels: `{e['pseudo']}`, synonym rate {e['synonym_rate']}; discrimination chance "
-              f"{f(some.get('chance'))}, whole image as the mask {f(some['trivial_miou'])}):", "",
-              "| row | discrimination | episode mIoU | shuffled-name mIoU | AUC gap |", "|---|---|---|---|---|"]
+              f"{about(e)}discrimination chance {f(some.get('chance'))}, whole image as the mask "
+              f"{f(some['trivial_miou'])}):", "",
+              "| row | discrimination | episode mIoU | shuffled-name mIoU | AUC gap |" + (" seconds |" if seconds else ""),
+              "|---|---|---|---|---|" + ("---|" if seconds else "")]
         for label, r in e["rows"].items():
             L.append(f"| {label} | {f(r['discrimination'])} | {f(r['miou'])} | {f(r['shuffled_miou'])} | "
-                     f"{f(r['auc_gap'])} |")
+                     f"{f(r['auc_gap'])} |" + (f" {r.get('seconds')} |" if seconds else ""))
         L.append("")
-    return L + [SELFTRAIN_END]
+    return L
 
 
 def semantic_rows(run: Path, nofusion_run: Path, ds, novel: list[str], threads: int, rows_only=None) -> dict:
@@ -225,6 +273,7 @@ def main() -> None:
     ap.add_argument("--pseudo", default=None, help="selftrain: the pseudo-label collection added to training")
     ap.add_argument("--synonym-rate", type=float, default=0.5, help="selftrain: text augmentation rate (default 0.5)")
     ap.add_argument("--selftrain-on", default="fold0,msrc6", help="selftrain: foldF and/or msrc6 (default fold0,msrc6)")
+    ap.add_argument("--testtime-on", default="fold0,msrc6", help="testtime: foldF and/or msrc6 (default fold0,msrc6)")
     a = ap.parse_args()
     if "selftrain" in a.parts.split(",") and not (a.pseudo and Path(a.pseudo, "dataset.json").is_file()):
         raise SystemExit(f"--parts selftrain needs --pseudo DIR holding a pseudo-label collection, got {a.pseudo}")
@@ -310,36 +359,42 @@ def main() -> None:
                                                                msrc.subset(seen_val), MSRC6, a.threads, rows_only)}
             done.add("msrc6")
             save()
+    def each_part(part: str, keys: str, flag: str, measure) -> None:
+        """``measure(key, excluded names, held-out ids, heldout)`` for each part of ``keys`` not measured yet."""
+        entry = results.get(part, {}) if not a.force else {}
+        for key in [k.strip() for k in keys.split(",") if k.strip()]:
+            if key not in entry:
+                entry[key] = measure(key, *part_names(key, names80, folders, flag))
+                results[part] = entry
+                done.add(part)
+                save()
+
+    def selftrain(key: str, exclude: list[str], holdout: list[str], novel: list[str], heldout) -> dict:
+        base = out / f"{key}-fusion"
+        runs = {"people's labels": train_run(base, list(folders.values()), exclude, True, a.steps, a.threads,
+                                             holdout, a.batch_size),
+                "+ pseudo-labels": train_run(out / f"{key}-fusion-pl", list(folders.values()) + [Path(a.pseudo)],
+                                             exclude, True, a.steps, a.threads, holdout, a.batch_size,
+                                             synonym_rate=a.synonym_rate)}
+        ds, here = heldout(base)
+        print(f"selftrain {key}: {len(ds)} held-out images, {len(here)} novel names present", flush=True)
+        return {"novel_present": here, "images": len(ds), "pseudo": str(a.pseudo), "synonym_rate": a.synonym_rate,
+                "train": runs, "rows": selftrain_rows(base, out / f"{key}-fusion-pl", ds, here, a.threads)}
+
+    def testtime(key: str, exclude: list[str], holdout: list[str], novel: list[str], heldout) -> dict:
+        run = out / f"{key}-fusion"
+        runs = {"fusion": train_run(run, list(folders.values()), exclude, True, a.steps, a.threads, holdout,
+                                    a.batch_size)}
+        ds, here = heldout(run)
+        print(f"testtime {key}: {len(ds)} held-out images, {len(here)} novel names present", flush=True)
+        rows = novel_rows([(label, run, mode, kw) for label, mode, kw in TESTTIME_ROWS], ds, here, a.threads)
+        return {"novel_present": here, "images": len(ds), "train": runs,
+                "rows": {label: table_fields(r, "seconds") for label, r in rows.items()}}
+
     if "selftrain" in parts:
-        entry = results.get("selftrain", {}) if not a.force else {}
-        for key in [k.strip() for k in a.selftrain_on.split(",") if k.strip()]:
-            if key in entry:
-                continue
-            if key == "msrc6":
-                msrc, shown = msrc6_images(folders["msrc_v2"])
-                exclude, holdout, novel = MSRC6, [DEMO_ID] + shown, MSRC6
-            elif key.startswith("fold") and key[4:] in ("0", "1", "2", "3"):
-                novel = fold_names(names80, int(key[4:]))
-                exclude, holdout = with_aliases(novel), [DEMO_ID]
-            else:
-                raise SystemExit(f"--selftrain-on: expected fold0..fold3 or msrc6, got {key!r}")
-            base = out / f"{key}-fusion"
-            runs = {"people's labels": train_run(base, list(folders.values()), exclude, True, a.steps, a.threads,
-                                                 holdout, a.batch_size),
-                    "+ pseudo-labels": train_run(out / f"{key}-fusion-pl", list(folders.values()) + [Path(a.pseudo)],
-                                                 exclude, True, a.steps, a.threads, holdout, a.batch_size,
-                                                 synonym_rate=a.synonym_rate)}
-            if key == "msrc6":
-                ds, here = msrc.subset(shown), MSRC6
-            else:
-                ds, here = fold_heldout(base, folders, novel)
-            print(f"selftrain {key}: {len(ds)} held-out images, {len(here)} novel names present", flush=True)
-            entry[key] = {"novel_present": here, "images": len(ds), "pseudo": str(a.pseudo),
-                          "synonym_rate": a.synonym_rate, "train": runs,
-                          "rows": selftrain_rows(base, out / f"{key}-fusion-pl", ds, here, a.threads)}
-            results["selftrain"] = entry
-            done.add("selftrain")
-            save()
+        each_part("selftrain", a.selftrain_on, "--selftrain-on", selftrain)
+    if "testtime" in parts:
+        each_part("testtime", a.testtime_on, "--testtime-on", testtime)
     if a.results:
         from study_report import write_report  # scripts/study_report.py
         if any(k.startswith("fold") or k in ("cross", "msrc6") for k in results):
@@ -348,6 +403,10 @@ def main() -> None:
             from everyday_study import write_between  # the same marker writer
             write_between(Path(a.results), selftrain_table(results["selftrain"]),
                           "Does a teacher's vocabulary teach unseen names?")
+        if "testtime" in results:
+            from everyday_study import write_between
+            write_between(Path(a.results), testtime_table(results["testtime"]),
+                          "Test-time views and the bridge's size on unseen names")
         print(f"wrote {a.results}")
 
 
