@@ -201,7 +201,10 @@ def test_model_teacher_reads_with_test_time_augmentation(tmp_path, capsys):
     one = plain.logits_from(plain.encode(img), names).sigmoid()
     p = t.probabilities(img)
     assert torch.allclose(p, expect) and not torch.allclose(p, one, atol=1e-4)
-    assert t.describe()["test_time"] == {"scales": [1.0, 1.5], "flip": True}
+    assert t.describe()["test_time"] == {"scales": [1.0, 1.5], "flip": True, "bridge_size": 320}
+    assert "test_time" not in ModelTeacher(plain).describe()  # one plain pass: nothing to record
+    wide = ModelTeacher(Segmenter(seg.model, seg.meta, mode="fusion", bridge_size=448)).describe()
+    assert wide["test_time"] == {"scales": [1.0], "flip": False, "bridge_size": 448}  # the bridge size alone counts
     with pytest.raises(ValueError, match="model teacher"):
         build_teacher("bridge", tta_flip=True)
     photos = _photos(tmp_path / "photos", n=2)
@@ -215,4 +218,4 @@ def test_model_teacher_reads_with_test_time_augmentation(tmp_path, capsys):
     assert code == 0, err
     assert "labels.csv" in err and "not used" in err  # the CLI prints the warning as one line
     meta = json.loads((tmp_path / "o" / "dataset.json").read_text())
-    assert meta["teacher"]["test_time"] == {"scales": [1.0, 1.5], "flip": True}
+    assert meta["teacher"]["test_time"] == {"scales": [1.0, 1.5], "flip": True, "bridge_size": 320}

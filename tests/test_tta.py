@@ -106,7 +106,7 @@ def test_cli_segment_with_tta_and_its_bad_input(tiny, tmp_path, capsys):
     labels = np.asarray(Image.open(tmp_path / "o" / "in.png"))
     assert labels.shape == (70, 100)
     summary = json.loads((tmp_path / "o" / "fusionseg-summary.json").read_text())
-    assert summary["test_time"] == {"scales": [1.0, 1.5], "flip": True}  # the run says how it read the photos
+    assert summary["test_time"] == {"scales": [1.0, 1.5], "flip": True, "bridge_size": 320}  # the run says how it read the photos
     code, out, err = run_cli(["segment", src, "--model", tiny[0], "--classes", "square", "--out", tmp_path / "p",
                               "--tta-scales", "1,x"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--tta-scales" in err

@@ -113,6 +113,14 @@ def uses_tta(scales: Sequence[float], flip: bool) -> bool:
     return bool(flip) or tuple(float(v) for v in scales) != (1.0,)
 
 
+def test_time_record(scales: Sequence[float], flip: bool, bridge_size: int | None) -> dict:
+    """How images are read, as the JSON records say it (a ``segment`` run's summary, ``serve``'s ``/v1/model``,
+    a model teacher's description): test-time ``scales``, ``flip`` and the bridge's reading size in effect."""
+    from .model.bridge import BRIDGE_SIZE
+    return {"scales": [float(v) for v in scales], "flip": bool(flip),
+            "bridge_size": BRIDGE_SIZE if bridge_size is None else int(bridge_size)}
+
+
 @dataclass
 class Prepared:
     """One image ready for the encoder (CPU, picklable: made in DataLoader workers).
@@ -326,6 +334,11 @@ class Segmenter:
         """Whether label maps average several views (``tta_scales`` other than the working size alone, or
         ``tta_flip``)."""
         return uses_tta(self.tta_scales, self.tta_flip)
+
+    @property
+    def test_time(self) -> dict:
+        """:func:`test_time_record` of this segmenter's reading settings."""
+        return test_time_record(self.tta_scales, self.tta_flip, self.bridge_size)
 
     def _tta_size(self, scale: float) -> int:
         return max(8, int(round(self.size * scale)))

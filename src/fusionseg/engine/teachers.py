@@ -81,9 +81,10 @@ class ModelTeacher:
         self.synonyms = [list(s) for s in synonyms] if synonyms else [[n] for n in self.names]
 
     def describe(self) -> dict:
+        from ..segmenter import test_time_record
         seg = self.segmenter
         return {"kind": "model", "model": str(seg.meta.get("path")), "mode": seg.mode, "names": len(self.names),
-                **({"test_time": {"scales": list(seg.tta_scales), "flip": seg.tta_flip}} if seg.tta else {})}
+                **({"test_time": seg.test_time} if seg.test_time != test_time_record((1.0,), False, None) else {})}
 
     @torch.inference_mode()
     def probabilities(self, image) -> torch.Tensor:
