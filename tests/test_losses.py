@@ -82,3 +82,15 @@ def test_a_run_with_each_loss_learns(tmp_path, loss, monkeypatch):
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
     cfg_text = (tmp_path / "run" / "config.toml").read_text()
     assert f'loss = "{loss}"' in cfg_text
+
+
+def test_bce_plus_dice_samples_the_targets_once_a_step(tmp_path, monkeypatch):
+    """The two terms share one resampling of the logits and targets (it was made twice a step)."""
+    data = make_shapes_dataset(tmp_path / "shapes", n=4, size=64)
+    real, calls = trainer_mod.sampled_targets, []
+    monkeypatch.setattr(trainer_mod, "sampled_targets", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    cfg = TrainConfig(data=[str(data)], out=str(tmp_path / "run"), image_encoder="test-pool", text_encoder="test-hash",
+                      preset="tiny", steps=3, batch_size=2, size=64, val_fraction=0.0, checkpoint_every=0,
+                      cache_dir=str(tmp_path / "cache"), progress=False, loss="bce+dice")
+    train(cfg)
+    assert len(calls) == 3

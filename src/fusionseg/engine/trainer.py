@@ -49,15 +49,17 @@ class TrainError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ loss and schedule
-def bce_terms(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, classes: list[int], stride: int):
+def bce_terms(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, classes: list[int], stride: int,
+              sampled: tuple | None = None):
     """Per-class BCE as (sum over valid (pixel, class) pairs, their count). logits ``(B, N, h, w)``, masks
-    ``(B, S, S)`` int16 global ids (-1 ignore), known ``(B, G)``; ``masks`` sampled every ``stride`` px."""
-    logits, target, valid = _sampled(logits, masks, known, classes, stride)
+    ``(B, S, S)`` int16 global ids (-1 ignore), known ``(B, G)``; ``masks`` sampled every ``stride`` px.
+    ``sampled``: :func:`sampled_targets` of the same arguments, made once when two terms are summed."""
+    logits, target, valid = sampled or sampled_targets(logits, masks, known, classes, stride)
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     return (loss * valid).sum(), valid.sum()
 
 
-def _sampled(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, classes: list[int], stride: int):
+def sampled_targets(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, classes: list[int], stride: int):
     """``(logits, target, valid)`` on the grid of every ``stride``-th mask pixel, each ``(B, N, h, w)``."""
     m = masks[:, stride // 2::stride, stride // 2::stride].long()
     logits = F.interpolate(logits.float(), size=m.shape[-2:], mode="bilinear", align_corners=False)
@@ -68,19 +70,20 @@ def _sampled(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, cla
 
 
 def focal_terms(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, classes: list[int], stride: int,
-                gamma: float = 2.0):
+                gamma: float = 2.0, sampled: tuple | None = None):
     """Per-class focal loss (BCE weighted by ``(1 - p_t) ** gamma``) as (sum, count), like :func:`bce_terms`."""
-    x, t, valid = _sampled(logits, masks, known, classes, stride)
+    x, t, valid = sampled or sampled_targets(logits, masks, known, classes, stride)
     bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
     p_t = torch.exp(-bce)  # the probability given to the true label
     return (bce * (1 - p_t) ** gamma * valid).sum(), valid.sum()
 
 
-def dice_terms(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, classes: list[int], stride: int):
+def dice_terms(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, classes: list[int], stride: int,
+               sampled: tuple | None = None):
     """Soft dice loss ``1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)`` over the valid pixels of each (image, class)
     pair whose class the image shows, as (sum over those pairs, their count). Only shown classes: the absent
     ones are BCE's job (a dice term on an empty target only pushes the whole map down)."""
-    x, t, valid = _sampled(logits, masks, known, classes, stride)
+    x, t, valid = sampled or sampled_targets(logits, masks, known, classes, stride)
     p = torch.sigmoid(x) * valid
     t = t * valid
     inter, ps, ts = (p * t).sum((2, 3)), p.sum((2, 3)), t.sum((2, 3))
@@ -460,14 +463,15 @@ class Trainer:
             unknown = torch.tensor([names_rng.random() < cfg.name_dropout for _ in classes], device=self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
             logits = self.fwd(levels, self._class_text(step, classes), prior=prior, unknown=unknown)
+        sampled = sampled_targets(logits, masks, kn, classes, cfg.loss_stride)  # once for every term
         if cfg.loss == "focal":
-            s, c = focal_terms(logits, masks, kn, classes, cfg.loss_stride, cfg.focal_gamma)
+            s, c = focal_terms(logits, masks, kn, classes, cfg.loss_stride, cfg.focal_gamma, sampled=sampled)
         else:
-            s, c = bce_terms(logits, masks, kn, classes, cfg.loss_stride)
+            s, c = bce_terms(logits, masks, kn, classes, cfg.loss_stride, sampled=sampled)
         count = dist.sum_(c.detach().float().clone()).clamp(min=1)
         loss = s / count
         if cfg.loss == "bce+dice":
-            ds, dc = dice_terms(logits, masks, kn, classes, cfg.loss_stride)
+            ds, dc = dice_terms(logits, masks, kn, classes, cfg.loss_stride, sampled=sampled)
             loss = loss + cfg.dice_weight * ds / dist.sum_(dc.detach().float().clone()).clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # (DDP: the gradients are summed over the ranks here)
