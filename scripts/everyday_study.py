@@ -22,6 +22,8 @@ import json
 import time
 from pathlib import Path
 
+from fusionseg._atomic import write_atomic
+
 BEGIN, END = "<!-- everyday:begin -->", "<!-- everyday:end -->"
 #: The short table (``--brief LABEL`` rows only), for the README's opening.
 BRIEF_BEGIN, BRIEF_END = "<!-- everyday-brief:begin -->", "<!-- everyday-brief:end -->"
@@ -192,8 +194,11 @@ def main() -> None:
                        **({"tta": tta} if tta else {}), **({"bridge": bridge} if bridge is not None else {}),
                        **({"size": size} if size is not None else {}),
                        "results": run_row(model, mode, thr, Path(a.data_root), decision, tta, bridge, size)}
+        # merge into the file as it is now: another study process may have written rows since this one read it
         jp.parent.mkdir(parents=True, exist_ok=True)
-        jp.write_text(json.dumps(rows, indent=1))
+        now = json.loads(jp.read_text()) if jp.is_file() else {}
+        rows = {**now, label: rows[label]}
+        write_atomic(jp, json.dumps(rows, indent=1).encode())
     for res in a.results:
         write_between(Path(res), render(rows))
         print(f"wrote the table into {res}")

@@ -57,3 +57,23 @@ def test_test_time_rows_parse_and_print_their_command():
     c = command("default", "auto", None, "d", "relative", "1,1.4+flip")
     assert c.endswith("--decision relative --tta-scales 1,1.4 --tta-flip")
     assert "--tta" not in command("default", "auto", None, "d", "relative")
+
+
+def test_everyday_rows_measured_by_another_process_meanwhile_are_kept(tmp_path, monkeypatch):
+    """Two study processes side by side: each row is merged into the file as it is when written, so a row the
+    other process wrote meanwhile is not lost (it was, once: the file was written from the copy read at start)."""
+    import json
+    import everyday_study as es
+    jp = tmp_path / "everyday.json"
+    jp.write_text(json.dumps({"old": {"model": "m", "mode": "auto", "threshold": None, "results": {}}}))
+
+    def run_row(*a, **k):  # meanwhile, another process writes its row
+        now = json.loads(jp.read_text())
+        now["theirs"] = {"model": "t", "mode": "auto", "threshold": None, "results": {}}
+        jp.write_text(json.dumps(now))
+        return {"coco2017_mini": {"miou": 0.5}}
+    monkeypatch.setattr(es, "run_row", run_row)
+    monkeypatch.setattr(sys, "argv", ["everyday_study.py", "--row", "mine=default:auto", "--json", str(jp)])
+    es.main()
+    rows = json.loads(jp.read_text())
+    assert list(rows) == ["old", "theirs", "mine"] and rows["mine"]["results"]["coco2017_mini"]["miou"] == 0.5
