@@ -307,14 +307,14 @@ def main() -> None:
 
     if "folds" in parts:
         for f in (int(x) for x in a.folds.split(",")):
-            novel = fold_names(names80, f)
+            exclude, holdout, novel, heldout = part_names(f"fold{f}", names80, folders, "--folds")
             runs = {}
             for kind, fusion, prior in KINDS[: 3 if "folds" in a.prior.split(",") else 2]:
-                runs[kind] = train_run(out / f"fold{f}-{kind}", list(folders.values()), with_aliases(novel), fusion,
-                                       a.steps, a.threads, [DEMO_ID], a.batch_size, prior)
+                runs[kind] = train_run(out / f"fold{f}-{kind}", list(folders.values()), exclude, fusion,
+                                       a.steps, a.threads, holdout, a.batch_size, prior)
             if a.train_only or not todo(f"fold{f}"):
                 continue
-            ds, novel_here = fold_heldout(out / f"fold{f}-fusion", folders, novel)
+            ds, novel_here = heldout(out / f"fold{f}-fusion")
             print(f"fold {f}: {len(ds)} held-out COCO images, {len(novel_here)} of the 20 novel names present", flush=True)
             fu, nofu = out / f"fold{f}-fusion", out / f"fold{f}-nofusion"
             results[f"fold{f}"] = {"novel": novel, "novel_present": novel_here, "train": runs,
@@ -359,6 +359,7 @@ def main() -> None:
                                                                msrc.subset(seen_val), MSRC6, a.threads, rows_only)}
             done.add("msrc6")
             save()
+
     def each_part(part: str, keys: str, flag: str, measure) -> None:
         """``measure(key, excluded names, held-out ids, heldout)`` for each part of ``keys`` not measured yet."""
         entry = results.get(part, {}) if not a.force else {}
