@@ -161,6 +161,12 @@ def write_between(path: Path, lines: list[str], section: str = "Everyday photos:
     path.write_text(text)
 
 
+def reading_of(row: dict) -> tuple:
+    """A stored row's reading, as :func:`parse_row` gives it after the label."""
+    return (row["model"], row["mode"], row["threshold"], row.get("decision"), row.get("tta"), row.get("bridge"),
+            row.get("size"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--row", action="append", default=[],
@@ -174,6 +180,10 @@ def main() -> None:
     ap.add_argument("--brief-results", action="append", default=[],
                     help="Markdown file whose everyday-brief block gets the short table (repeatable)")
     ap.add_argument("--fresh", action="store_true", help="re-measure rows already in --json")
+    ap.add_argument("--again", action="store_true",
+                    help="measure a reading that a row of another label already holds (labels are the rows' keys: "
+                         "without this, a new label for a measured reading stops the run, so a label typed slightly "
+                         "differently does not add the same row twice)")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
     if a.threads:
@@ -183,12 +193,15 @@ def main() -> None:
     rows = json.loads(jp.read_text()) if jp.is_file() else {}
     for spec in a.row:
         label, model, mode, thr, decision, tta, bridge, size = parse_row(spec)
+        reading = (model, mode, thr, decision, tta, bridge, size)
         old = rows.get(label)
-        if old and not a.fresh and (old["model"], old["mode"], old["threshold"], old.get("decision"), old.get("tta"),
-                                    old.get("bridge"), old.get("size")) == (model, mode, thr, decision, tta, bridge,
-                                                                            size):
+        if old and not a.fresh and reading_of(old) == reading:
             print(f"{label}: kept from {jp}")
             continue
+        same = [k for k, r in rows.items() if k != label and reading_of(r) == reading]
+        if same and not a.again:
+            raise SystemExit(f"--row {label!r}: the row {same[0]!r} already holds this reading; give its label, or "
+                             "--again to measure it under a new one")
         print(f"{label}: {model} : {mode} : {thr} : {decision} : {tta} : {bridge} : {size}", flush=True)
         rows[label] = {"model": model, "mode": mode, "threshold": thr, "decision": decision,
                        **({"tta": tta} if tta else {}), **({"bridge": bridge} if bridge is not None else {}),

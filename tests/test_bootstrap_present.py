@@ -77,3 +77,28 @@ def test_everyday_rows_measured_by_another_process_meanwhile_are_kept(tmp_path, 
     es.main()
     rows = json.loads(jp.read_text())
     assert list(rows) == ["old", "theirs", "mine"] and rows["mine"]["results"]["coco2017_mini"]["miou"] == 0.5
+
+
+def test_a_new_label_for_a_measured_reading_stops_unless_again(tmp_path, monkeypatch):
+    """Labels are the rows' keys: a label typed slightly differently for a reading already measured would add
+    the same row twice; it stops with one line naming the row that holds it, and --again measures it anyway."""
+    import json
+    import everyday_study as es
+    jp = tmp_path / "everyday.json"
+    jp.write_text(json.dumps({"default, auto": {"model": "default", "mode": "auto", "threshold": None,
+                                                "decision": "relative", "results": {}}}))
+    calls = []
+    monkeypatch.setattr(es, "run_row", lambda *a, **k: calls.append(a) or {"coco2017_mini": {"miou": 0.5}})
+    monkeypatch.setattr(sys, "argv", ["everyday_study.py", "--row", "default,  auto=default:auto::relative",
+                                      "--json", str(jp)])
+    with pytest.raises(SystemExit) as e:
+        es.main()
+    assert "'default, auto' already holds this reading" in str(e.value) and not calls
+    assert list(json.loads(jp.read_text())) == ["default, auto"]
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--again"])
+    es.main()
+    assert len(calls) == 1 and list(json.loads(jp.read_text())) == ["default, auto", "default,  auto"]
+    # another reading under a new label is measured as before
+    monkeypatch.setattr(sys, "argv", ["everyday_study.py", "--row", "fusion=default:fusion::relative", "--json", str(jp)])
+    es.main()
+    assert len(calls) == 2
