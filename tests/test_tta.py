@@ -151,3 +151,22 @@ def test_the_bridge_reads_a_larger_view_at_its_own_size_up_to_bridge_size():
     assert seen[448] == [320, 448]
     with pytest.raises(ValueError, match="bridge size"):
         Segmenter.from_pretrained("default", device="cpu", bridge_size=8)
+
+
+def test_a_run_records_its_reading_only_when_it_is_not_one_plain_pass(tiny, tmp_path, capsys):
+    """One rule (segmenter.test_time_field) for every record that describes a run: a `segment` summary names its
+    reading when it differs from one plain pass, whatever flags spelled it (--bridge-size 320 is the plain one)."""
+    from fusionseg.segmenter import test_time_field
+    assert test_time_field((1.0,), False, None) == {} and test_time_field((1.0,), False, 320) == {}
+    assert test_time_field((1.0,), False, 448) == {"test_time": {"scales": [1.0], "flip": False, "bridge_size": 448}}
+    assert test_time_field((1.0,), True, None)["test_time"]["flip"] is True
+    src = tmp_path / "in.png"
+    photo().save(src)
+    for i, extra in enumerate(([], ["--bridge-size", "320"], ["--tta-scales", "1"], ["--bridge-size", "448"])):
+        out = tmp_path / f"o{i}"
+        code, _, err = run_cli(["segment", src, "--model", tiny[0], "--classes", "square", "--out", out, "--workers", "0",
+                                *extra], capsys)
+        assert code == 0, err
+        summary = json.loads((out / "fusionseg-summary.json").read_text())
+        assert ("test_time" in summary) == (i == 3), extra
+    assert summary["test_time"]["bridge_size"] == 448

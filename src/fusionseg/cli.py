@@ -315,9 +315,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
             return code
         info = {"command": "segment", "classes": names, "model": str(a.model), "out": str(out), "ok": ok,
                 "failed": bad, "not_done": len(status) - ok - bad, "exit_code": code, "images": status}
-        from .segmenter import test_time_record, uses_tta
-        if uses_tta(a.tta_scales, a.tta_flip) or a.bridge_size is not None:
-            info["test_time"] = test_time_record(a.tta_scales, a.tta_flip, a.bridge_size)
+        from .segmenter import test_time_field
+        info.update(test_time_field(a.tta_scales, a.tta_flip, a.bridge_size))
         if interrupted:
             info["interrupted"] = interrupted
         write_text_atomic(json.dumps(info, indent=1), summary_path)

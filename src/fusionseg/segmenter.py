@@ -121,6 +121,14 @@ def test_time_record(scales: Sequence[float], flip: bool, bridge_size: int | Non
             "bridge_size": BRIDGE_SIZE if bridge_size is None else int(bridge_size)}
 
 
+def test_time_field(scales: Sequence[float], flip: bool, bridge_size: int | None) -> dict:
+    """``{"test_time": record}`` when this reading differs from one plain pass (:func:`test_time_record`), else
+    ``{}``: the one rule by which a record that describes a run (a ``segment`` summary, a model teacher) says how
+    it read the images."""
+    rec = test_time_record(scales, flip, bridge_size)
+    return {} if rec == test_time_record((1.0,), False, None) else {"test_time": rec}
+
+
 @dataclass
 class Prepared:
     """One image ready for the encoder (CPU, picklable: made in DataLoader workers).

@@ -81,10 +81,10 @@ class ModelTeacher:
         self.synonyms = [list(s) for s in synonyms] if synonyms else [[n] for n in self.names]
 
     def describe(self) -> dict:
-        from ..segmenter import test_time_record
+        from ..segmenter import test_time_field
         seg = self.segmenter
         return {"kind": "model", "model": str(seg.meta.get("path")), "mode": seg.mode, "names": len(self.names),
-                **({"test_time": seg.test_time} if seg.test_time != test_time_record((1.0,), False, None) else {})}
+                **test_time_field(seg.tta_scales, seg.tta_flip, seg.bridge_size)}
 
     @torch.inference_mode()
     def probabilities(self, image) -> torch.Tensor:
