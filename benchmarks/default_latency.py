@@ -53,13 +53,20 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="the measured model's working size (default: its own)")
     C.add_json_arg(ap, "default_latency")
     a = ap.parse_args()
+    C.in_range(a.images, "--images", 1, 10000)  # bad input: one line, exit 2 (README, Performance)
+    C.in_range(a.repeats, "--repeats", 1, 1000)
+    C.in_range(a.threads, "--threads", 1, 256)
     torch.set_num_threads(a.threads)
     from fusionseg.data.benchmarks import open_dataset
-    from fusionseg.segmenter import Segmenter, check_tta_scales
+    from fusionseg.segmenter import Segmenter, check_bridge_size, check_tta_scales
     try:
         scales = check_tta_scales(a.tta_scales)
     except ValueError as e:
         C.fail(f"--tta-scales: {e}")
+    try:
+        check_bridge_size(a.bridge_size)
+    except ValueError as e:
+        C.fail(f"--bridge-size: {e}")
     if a.size is not None and not 64 <= a.size <= 2048:
         C.fail(f"--size must be between 64 and 2048 px, got {a.size}")
     augmented = a.tta_flip or scales != (1.0,)
