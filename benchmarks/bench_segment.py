@@ -42,6 +42,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     C.add_json_arg(ap, "bench_segment")
     a = ap.parse_args()
+    C.in_range(a.size, "--size", 64, 2048)  # bad input: one line, exit 2 (README, Performance)
+    counts = C.int_list(a.classes, "--classes", 1, 1000)
+    C.in_range(a.repeats, "--repeats", 1, 1000)
+    C.in_range(a.threads, "--threads", 1, 256)
     torch.set_num_threads(a.threads)
     seg = Segmenter.from_pretrained(a.model, device=a.device)
     model = seg.model
@@ -54,8 +58,8 @@ def main() -> None:
     header = ["classes", "ours: encoder once + one fusion pass (ms)", "peer: encoder + head per class (ms)",
               "peer / ours"]
     rows = []
-    vocab = [f"class {i}" for i in range(max(int(c) for c in a.classes.split(",")))]
-    for n in (int(c) for c in a.classes.split(",")):
+    vocab = [f"class {i}" for i in range(max(counts))]
+    for n in counts:
         names = vocab[:n]
         text = seg.text_embeddings(names)
 

@@ -60,19 +60,25 @@ def main() -> None:
                     help="repeat the whole measurement in this many fresh processes and record their median (default 1)")
     C.add_json_arg(ap, "default_latency")
     a = ap.parse_args()
-    if not 1 <= a.runs <= 20:
-        C.fail(f"--runs must be between 1 and 20, got {a.runs}")
-    if a.runs > 1:
-        return several_runs(a)
+    C.in_range(a.images, "--images", 1, 10000)  # bad input: one line, exit 2 (README, Performance)
+    C.in_range(a.repeats, "--repeats", 1, 1000)
+    C.in_range(a.threads, "--threads", 1, 256)
+    C.in_range(a.runs, "--runs", 1, 20)
     torch.set_num_threads(a.threads)
     from fusionseg.data.benchmarks import open_dataset
-    from fusionseg.segmenter import Segmenter, check_tta_scales
+    from fusionseg.segmenter import Segmenter, check_bridge_size, check_tta_scales
     try:
         scales = check_tta_scales(a.tta_scales)
     except ValueError as e:
         C.fail(f"--tta-scales: {e}")
+    try:
+        check_bridge_size(a.bridge_size)
+    except ValueError as e:
+        C.fail(f"--bridge-size: {e}")
     if a.size is not None and not 64 <= a.size <= 2048:
         C.fail(f"--size must be between 64 and 2048 px, got {a.size}")
+    if a.runs > 1:  # every argument checked above, so a child run does not fail on it
+        return several_runs(a)
     augmented = a.tta_flip or scales != (1.0,)
     tta = augmented or a.bridge_size is not None or a.size is not None  # a variant: the one pass is timed too
     tta_label = ", ".join(
@@ -175,8 +181,10 @@ def several_runs(a: argparse.Namespace) -> None:
         for k in range(a.runs):
             path = str(Path(tmp) / f"run{k}.json")
             print(f"run {k + 1} of {a.runs}", flush=True)
-            subprocess.run([sys.executable, str(Path(__file__).resolve()), *child_args(sys.argv[1:], path)],
-                           check=True, cwd=C.ROOT)
+            rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child_args(sys.argv[1:], path)],
+                                cwd=C.ROOT).returncode
+            if rc != 0:
+                C.fail(f"run {k + 1} of {a.runs} stopped with exit status {rc} (its message is above)")
             results.append(json.loads(Path(path).read_text(encoding="utf-8")))
     rows, extra, notes = combine_runs(results)
     print(notes[0])

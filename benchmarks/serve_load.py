@@ -159,8 +159,9 @@ def main() -> int:
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop sending after this long")
     C.add_json_arg(ap, "serve_load")
     a = ap.parse_args()
-    if not (1 <= a.requests <= 100_000 and 1 <= a.clients <= 256 and 1 <= a.rounds <= 20):
-        raise SystemExit("--requests 1..100000, --clients 1..256, --rounds 1..20")
+    C.in_range(a.requests, "--requests", 1, 100_000)  # bad input: one line, exit 2 (README, Performance)
+    C.in_range(a.clients, "--clients", 1, 256)
+    C.in_range(a.rounds, "--rounds", 1, 20)
     image = Path(a.image).read_bytes()
     body, ctype = multipart(image, Path(a.image).name, a.classes)
 

@@ -197,6 +197,11 @@ def main(argv=None) -> int:
                    help="templates for the paper setup's peer text pass (default: the recipe's 32; 'none' = 1)")
     C.add_json_arg(p, "train_speed")
     a = p.parse_args(argv)
+    C.in_range(a.steps, "--steps", 1, 1000)  # bad input: one line, exit 2 (README, Performance)
+    C.in_range(a.threads, "--threads", 1, 256)
+    unknown = [s for s in (s.strip() for s in a.setups.split(",")) if s not in ("default", "paper")]
+    if unknown or not a.setups.strip():
+        C.fail(f"--setups takes default and/or paper, comma-separated; got {a.setups!r}")
     torch.set_num_threads(a.threads)
     from fusionseg.runtime import tune_malloc
     tune_malloc()  # as `fusionseg train` does; process-wide, so both sides get it

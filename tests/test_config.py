@@ -119,7 +119,7 @@ def test_hub_encoder_not_available_offline_says_how_to_get_it(tmp_path):
     assert r.returncode == 2, r.stderr[-1500:]
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "huggingface-cli download openai/clip-vit-large-patch14" in err and "HF_HOME" in err
+    assert "hf download openai/clip-vit-large-patch14" in err and "HF_HOME" in err
 
 
 # The `fusionseg train` flags as they were written by hand before they were generated from TrainConfig:

@@ -131,6 +131,19 @@ def test_train_reads_a_pseudo_labelled_collection(tmp_path):
     assert [d.root.name for d in sets] == ["out-part-00"]
 
 
+def test_train_skips_the_empty_parts_of_a_collection(tmp_path):
+    # a small folder labelled by a teacher with more names than one part holds fills only some parts; training
+    # on the collection (README: `train --data OUT` reads the parts together) must not stop at an empty one
+    from fusionseg.engine.train import open_datasets
+    photos = _photos(tmp_path / "photos", n=2)
+    rep = pseudo_label([str(photos)], tmp_path / "out", StubTeacher(k=PART_CLASSES + 10), progress=False,
+                       examples=0)
+    assert rep["images_per_part"] == [2, 0]
+    assert [p.name for p in expand_collection(tmp_path / "out")] == ["out-part-00", "out-part-01"]
+    sets = open_datasets([str(tmp_path / "out")])
+    assert [d.root.name for d in sets] == ["out-part-00"] and len(sets[0]) == 2
+
+
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     photos = _photos(tmp_path / "photos", n=1)
     code, _, err = run_cli(["pseudo-label", "--data", photos, "--out", photos / "inside"], capsys)

@@ -804,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="measure a model: one-class episodes or whole-vocabulary mIoU")
+    e = sub.add_parser("evaluate", help="measure a model: all names, present names, one-class episodes or novel names")
     e.add_argument("--model", default="default")
     e.add_argument("--data", required=True, help="a dataset folder, or pascal5i:ROOT, coco20i:ROOT, fss1000:ROOT, mosaic4:ROOT")
     e.add_argument("--protocol", default="semantic", choices=list(PROTOCOLS),

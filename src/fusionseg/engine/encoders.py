@@ -9,7 +9,7 @@ from ..encoders.base import EncoderError, build_image_encoder, build_text_encode
 
 def offline_hint(name: str, kind: str) -> str:
     ref = name[3:] if name.startswith("hf:") else name
-    return (f"; to train offline, download it once with `huggingface-cli download {ref}` (stored under $HF_HOME, "
+    return (f"; to train offline, download it once with `hf download {ref}` (stored under $HF_HOME, "
             f"default ~/.cache/huggingface; then set HF_HUB_OFFLINE=1) or point {kind}_encoder at a local folder: "
             f"\"hf:/path/to/{ref.split('/')[-1]}\"")
 

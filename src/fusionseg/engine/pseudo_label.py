@@ -316,8 +316,13 @@ def pseudo_label(data: Sequence[str], out: str | Path, teacher, min_peak: float 
     return summary
 
 
-def expand_collection(path: str | Path) -> list[Path]:
-    """A folder written by :func:`pseudo_label` -> its part folders; any other folder -> itself."""
+def expand_collection(path: str | Path, skip_empty: bool = False) -> list[Path]:
+    """A folder written by :func:`pseudo_label` -> its part folders; any other folder -> itself.
+
+    ``skip_empty``: leave out the parts that received no image (``images_per_part``; a small folder labelled
+    by a 1,000-name teacher fills one or two of its parts), unless every part is empty. Training reads the
+    parts with this: a part without images is no dataset to train on.
+    """
     p = Path(path)
     m = p / "dataset.json"
     if m.is_file():
@@ -330,5 +335,8 @@ def expand_collection(path: str | Path) -> list[Path]:
             missing = [str(q) for q in parts if not (q / "dataset.json").is_file()]
             if missing:
                 raise DatasetError(f"{m}: part {missing[0]} is missing (re-run fusionseg pseudo-label)")
+            counts = meta.get("images_per_part")
+            if skip_empty and isinstance(counts, list) and len(counts) == len(parts) and any(counts):
+                parts = [q for q, n in zip(parts, counts) if n]
             return parts
     return [p]

@@ -60,7 +60,7 @@ def open_datasets(paths: Sequence[str], fold: int | None = None) -> list:
         raise DatasetError("give at least one --data folder")
     from .pseudo_label import expand_collection
     out = []
-    paths = [q for p in paths for q in (expand_collection(p) if Path(str(p)).is_dir() else [p])]
+    paths = [q for p in paths for q in (expand_collection(p, skip_empty=True) if Path(str(p)).is_dir() else [p])]
     for p in paths:
         prefix = str(p).partition(":")[0].lower()
         if prefix in ("pascal5i", "coco20i") and not Path(p).exists():

@@ -302,7 +302,7 @@ _SEGMENT_OPENAPI = {
         "properties": {
             "image": {"type": "string", "format": "binary", "description": "the picture (JPEG, PNG, BMP, GIF, TIFF, WebP)"},
             "classes": {"type": "string", "description": 'comma-separated names ("cat, sofa") or a JSON list (["cat", "sofa"])'},
-            "threshold": {"type": "number", "minimum": 0, "maximum": 1, "description": "none-of-these threshold on the sigmoid score (default: the model's, 0.5)"},
+            "threshold": {"type": "number", "minimum": 0, "maximum": 1, "description": "none-of-these threshold on the sigmoid score; giving it means the threshold decision (default: the model's own decision: relative for the shipped model)"},
             "background": {"type": "boolean", "description": "plain arg-max, no threshold"},
             "overlay": {"type": "boolean", "description": "also return overlay_png (classes over the photo, with a legend)"},
             "scores": {"type": "boolean", "description": "also return score_png (8-bit score of each pixel's class, 255 = 1.0)"},
