@@ -62,7 +62,7 @@ class StubSegmenter:
 
     meta = {"image_encoder": {"name": "stub-img"}, "text_encoder": {"name": "stub-txt"},
             "config": {"preset": "tiny"}, "training": {"vocabulary": ["cat", "dog"], "parameters": 1}}
-    size, threshold, device = 64, 0.5, "cpu"
+    size, threshold, decision, device = 64, 0.5, "threshold", "cpu"
 
     def __init__(self, delay: float = 0.0, fail: bool = False, gate: threading.Event | None = None):
         self.delay, self.fail, self.gate = delay, fail, gate
@@ -147,6 +147,26 @@ def test_real_image_gives_label_map_of_its_size(real_client):
     ov = Image.open(io.BytesIO(base64.b64decode(j["overlay_png"])))
     assert ov.size[0] > W and ov.size[1] >= H  # the photo plus the legend strip on the right
     assert j["threshold"] == 0.3 and j["seconds"] > 0  # the shipped default's own threshold (MODEL_CARD.md)
+    assert j["decision"] == "relative"  # no threshold given: the model's own decision, as the CLI decides
+
+
+def test_the_response_says_how_none_was_decided_and_matches_the_segmenter(real_client):
+    """No threshold: the model's own (relative) decision, the label map the CLI and the Python API give; a
+    threshold: the threshold decision; background: the plain arg-max. The page leaves the threshold out unless a
+    user types one, so it shows what the CLI shows."""
+    from fusionseg.segmenter import Segmenter
+    seg = Segmenter.from_pretrained("default")
+    img = Image.open(CAT).convert("RGB")
+    j = post(real_client, CAT.read_bytes(), "cat, toilet, sink").json()
+    assert j["decision"] == "relative"
+    assert np.array_equal(decode_png(j["label_png"]), seg.predict(img, ["cat", "toilet", "sink"]).labels)
+    t = post(real_client, CAT.read_bytes(), "cat, toilet, sink", threshold="0.3").json()
+    assert t["decision"] == "threshold" and t["threshold"] == 0.3
+    assert np.array_equal(decode_png(t["label_png"]),
+                          seg.predict(img, ["cat", "toilet", "sink"], threshold=0.3).labels)
+    b = post(real_client, CAT.read_bytes(), "cat, toilet, sink", background="true").json()
+    assert b["decision"] == "argmax" and b["threshold"] is None
+    assert real_client.get("/v1/model").json()["decision"] == "relative"
 
 
 def test_classes_as_json_list_and_threshold(real_client):

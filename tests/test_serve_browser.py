@@ -58,6 +58,8 @@ def test_upload_three_classes_and_segment(page, tmp_path):
     size = page.eval_on_selector("#overlay", "c => [c.width, c.height]")
     assert size == [640, 522]
     assert page.is_visible("#overlay")
+    # no threshold typed: the model's own decision, as the CLI decides (the page sent no threshold)
+    assert page.input_value("#threshold") == "" and "relative decision" in page.text_content("#timing")
     box = page.locator("#overlay").bounding_box()
     assert box["width"] > 200 and box["height"] > 150
     # the legend lists the three names, the chart has a bar per class plus "none of these"

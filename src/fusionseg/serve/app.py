@@ -260,7 +260,7 @@ class Service:
         out: dict[str, Any] = {
             "classes": s["classes"], "width": s["width"], "height": s["height"],
             "threshold": None if req.background else (self.seg.threshold if req.threshold is None else req.threshold),
-            "background": req.background, "none_fraction": s["none_fraction"], "per_class": per,
+            "decision": self.decision_for(req), "background": req.background, "none_fraction": s["none_fraction"], "per_class": per,
             "label_png": _png_b64(label_png(pred.labels, len(req.classes))),
         }
         if req.scores:
@@ -275,6 +275,12 @@ class Service:
             self._avg = 0.8 * self._avg + 0.2 * dt
         return out
 
+    def decision_for(self, req) -> str:
+        """How "none of these" was decided for ``req``: ``argmax`` (background), ``threshold`` (a threshold was
+        given) or the model's own decision (``relative`` for the shipped model)."""
+        from ..segmenter import Segmenter
+        return "argmax" if req.background else Segmenter._decision(None, req.threshold, self.seg.decision)
+
     def model_info(self) -> dict:
         m = self.seg.meta
         tr = m.get("training", {}) or {}
@@ -283,7 +289,8 @@ class Service:
             "model": str(self.cfg.model),
             "image_encoder": m.get("image_encoder", {}), "text_encoder": m.get("text_encoder", {}),
             "preset": c.get("preset"), "parameters": tr.get("parameters"),
-            "image_size": self.seg.size, "threshold": self.seg.threshold, "device": str(self.seg.device),
+            "image_size": self.seg.size, "threshold": self.seg.threshold, "decision": self.seg.decision,
+            "device": str(self.seg.device),
             "test_time": self.seg.test_time,
             "classes_seen_in_training": list(tr.get("vocabulary", []) or []),
             "limits": {"max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
@@ -312,7 +319,10 @@ _SEGMENT_OPENAPI = {
                 "content": {"application/json": {"schema": {"type": "object", "properties": {
                     "classes": {"type": "array", "items": {"type": "string"}},
                     "width": {"type": "integer"}, "height": {"type": "integer"},
-                    "threshold": {"type": "number", "nullable": True}, "background": {"type": "boolean"},
+                    "threshold": {"type": "number", "nullable": True},
+                    "decision": {"type": "string", "enum": ["relative", "threshold", "argmax"],
+                                 "description": "how none-of-these was decided (threshold: the threshold above applied)"},
+                    "background": {"type": "boolean"},
                     "none_fraction": {"type": "number"},
                     "per_class": {"type": "array", "items": {"type": "object", "properties": {
                         "name": {"type": "string"}, "label": {"type": "integer"}, "area_fraction": {"type": "number"},

@@ -40,7 +40,11 @@ async function loadModelInfo() {
       `${m.preset} · ${m.image_size} px · trained on ${m.classes_seen_in_training.length} names ` +
       `(e.g. ${m.classes_seen_in_training.slice(0, 8).join(", ")}, …)`;
     $("model-info").title = "names seen in training: " + m.classes_seen_in_training.join(", ");
-    $("threshold").value = m.threshold;
+    // empty: the model's own decision (relative for the shipped model), as the CLI and the API decide
+    $("threshold").value = "";
+    $("threshold").placeholder = m.decision === "threshold" ? String(m.threshold) : m.decision;
+    $("threshold").title = `empty: the model's own decision (${m.decision}); a number T: a pixel takes its best ` +
+      `name when that name's score reaches T (the model's T is ${m.threshold})`;
   } catch (err) {
     $("model-info").textContent = "could not read /v1/model: " + err.message;
   }
@@ -226,7 +230,8 @@ function legendAndChart(res) {
   for (const c of rows) addRow(c.name, c.area_fraction, c.color);
   addRow("none of these", res.none_fraction, "#9aa0a6");
   $("timing").textContent = `${res.width} × ${res.height} px · ` +
-    (res.background ? "plain arg-max" : `threshold ${res.threshold}`) + ` · ${res.seconds.toFixed(2)} s on the server`;
+    (res.background ? "plain arg-max" : res.decision === "threshold" ? `threshold ${res.threshold}`
+      : `${res.decision} decision`) + ` · ${res.seconds.toFixed(2)} s on the server`;
 }
 
 function downloads(res) {
@@ -288,7 +293,7 @@ $("form").addEventListener("submit", async (ev) => {
   const fd = new FormData();
   fd.append("image", state.blob, state.name || "image");
   fd.append("classes", classes);
-  fd.append("threshold", $("threshold").value);
+  if ($("threshold").value.trim() !== "") fd.append("threshold", $("threshold").value);
   fd.append("overlay", "true");
   fd.append("scores", "true");
   const btn = $("segment");
