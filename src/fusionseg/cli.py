@@ -555,7 +555,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if "warmup" not in values and cfg.warmup > cfg.steps // 2 and cfg.steps >= 1:  # --steps 40, default 150
         import dataclasses
         scaled = cfg.warmup
-        cfg = dataclasses.replace(cfg, warmup=max(1, cfg.steps // 20))
+        cfg = dataclasses.replace(cfg, warmup=min(max(1, cfg.steps // 20), cfg.steps - 1))  # --steps 1: none
     _check_train_config(cfg, a)
     if cfg.warmup >= cfg.steps:
         raise CLIError(f"warmup {cfg.warmup} is not shorter than the run ({cfg.steps} steps): the learning rate "
