@@ -22,3 +22,37 @@ def test_train_one_step_with_the_default_warmup(tmp_path, capsys):
     assert code == 0, err
     assert (tmp_path / "run" / "final.safetensors").is_file()
     assert "trained 1 steps" in out
+
+
+def _absent_devices() -> list[str]:
+    import torch
+    mps = getattr(torch.backends, "mps", None)
+    out = [f"cuda:{torch.cuda.device_count() + 1}"]  # never there: no CUDA at all, or one index past the last
+    if mps is None or not mps.is_available():
+        out.append("mps")
+    return out
+
+
+DEVICE_COMMANDS = {
+    "segment": "segment {img} --classes square --out {out} --workers 0",
+    "train": "train --data {ds} --out {out} --preset tiny --steps 1 --size 64",
+    "evaluate": "evaluate --data {ds}",
+    "cache": "cache --data {ds} --size 64 --cache-dir {out}",
+    "pseudo-label": "pseudo-label --data {ds} --out {out} --max-images 1",
+    "serve": "serve --port 0",
+}
+
+
+@pytest.mark.parametrize("command", list(DEVICE_COMMANDS))
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, command):
+    """--device mps (PyTorch without MPS) or cuda:N past the last GPU ended in a torch traceback (exit 1) in
+    every command but segment's and evaluate's plain ``cuda``; now one line naming the flag, before any work."""
+    import shlex
+    ds = make_shapes_dataset(tmp_path / "shapes", n=2, size=64)
+    spec = DEVICE_COMMANDS[command].format(img=ds / "images" / "img000.png", ds=ds, out=tmp_path / "o")
+    for dev in _absent_devices():
+        code, _, err = run(shlex.split(spec) + ["--device", dev], capsys)
+        assert code == 2, (dev, err)
+        line = _one_error_line(err, f"--device {dev.partition(':')[0]}")
+        assert "--device cpu" in line or "CUDA device(s)" in line, line
+        assert not (tmp_path / "o").exists(), "an output folder was left behind"

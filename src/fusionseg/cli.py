@@ -45,6 +45,23 @@ def _check_device(device: str | None, flag: str = "--device") -> None:
         raise CLIError(f"{flag} must be cpu, cuda, cuda:N or mps, got {device!r}")
 
 
+def _check_device_here(device: str | None, flag: str = "--device") -> None:
+    """The device exists on this machine (imports torch): CUDA or MPS available, cuda:N within the device count."""
+    if device is None or device == "cpu":
+        return
+    import torch
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CLIError(f"{flag} {device} was asked for but CUDA is not available here; use {flag} cpu")
+        n = torch.cuda.device_count()
+        if int(device.partition(":")[2] or 0) >= n:
+            raise CLIError(f"{flag} {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise CLIError(f"{flag} mps was asked for but MPS is not available here; use {flag} cpu")
+
+
 def _check_number(a: argparse.Namespace, attr: str, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
                   flag: str | None = None) -> None:
     """Refuse ``a.attr`` (when given) outside [lo, hi] (or the open ends), or not finite, naming the flag."""
@@ -282,6 +299,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
     if a.engine == "ray":  # Ray actors (fusionseg.scale.ray_engine)
         return _segment_ray(a, names)
     paths = _image_paths(a.images)
+    if a.runtime == "torch":
+        _check_device_here(a.device)
     out = Path(a.out)
     overlay = not a.no_overlay
     _check_outputs(paths, out, overlay, a.overwrite)
@@ -557,6 +576,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         scaled = cfg.warmup
         cfg = dataclasses.replace(cfg, warmup=min(max(1, cfg.steps // 20), cfg.steps - 1))  # --steps 1: none
     _check_train_config(cfg, a)
+    _check_device_here(cfg.device)
     if cfg.warmup >= cfg.steps:
         raise CLIError(f"warmup {cfg.warmup} is not shorter than the run ({cfg.steps} steps): the learning rate "
                        f"would never reach its peak; lower warmup or raise --steps")
@@ -586,6 +606,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     _check_number(a, "threads", 0, 1024)
     _check_device(a.device)
     _check_tta(a)
+    _check_device_here(a.device)
     if a.max_images is not None and a.protocol == "episodes":
         raise CLIError("--max-images applies to the semantic and novel-names protocols; bound episodes with --episodes")
     if a.episodes is not None and a.protocol != "episodes":
@@ -627,6 +648,7 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
     _check_number(a, "threads", 0, 1024)
     _check_device(a.device)
     _check_tta(a)
+    _check_device_here(a.device)
     for d in a.data:
         if not Path(d).is_dir():
             raise CLIError(f"no such folder: {d}")
@@ -662,6 +684,7 @@ def cmd_cache(a: argparse.Namespace) -> int:
             raise CLIError(f"--scales must be sizes in [32, 4096] px, got {a.scales!r}")
     from .engine.train import open_datasets
     open_datasets(a.data, a.fold)  # reads only the manifests: a wrong --data answers before any work
+    _check_device_here(a.device)
     from .data.features import cache_features
     from .engine.train import build_encoder_for_training, default_scales, init_distributed, open_datasets
     dist, device = init_distributed(a.device)  # under torchrun each rank computes its share of the shards
@@ -725,6 +748,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     _check_number(a, "timeout", 0.0, 86_400.0, lo_open=True)
     _check_number(a, "threads", 0, 1024)
     _check_tta(a)
+    _check_device_here(a.device)
     cfg = ServeConfig(model=a.model, device=a.device, size=a.size, workers=a.workers, queue=a.queue,
                       max_upload_bytes=int(a.max_upload_mb * 1024 * 1024), max_pixels=int(a.max_megapixels * 1e6),
                       max_classes=a.max_classes, timeout=a.timeout, threads=a.threads, **_tta_kw(a)).check()
