@@ -56,3 +56,20 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, command):
         line = _one_error_line(err, f"--device {dev.partition(':')[0]}")
         assert "--device cpu" in line or "CUDA device(s)" in line, line
         assert not (tmp_path / "o").exists(), "an output folder was left behind"
+
+
+def test_model_a_run_folder_without_final_weights(tmp_path, capsys):
+    """A run folder that has not finished was "checkpoint not found ... (give ... a training run folder)",
+    which it is; now the message says what is missing and which file to give instead."""
+    img = make_shapes_dataset(tmp_path / "shapes", n=1, size=64) / "images" / "img000.png"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text('steps = 10\n')
+    code, _, err = run(["segment", img, "--classes", "square", "--out", tmp_path / "o", "--model", run_dir], capsys)
+    assert code == 2
+    _one_error_line(err, "training run folder without final.safetensors", "holds no weights")
+    for n in (2, 10):  # numeric order: step10 is the latest, not step2
+        (run_dir / f"step{n}.safetensors").write_bytes(b"")
+    code, _, err = run(["info", "--model", run_dir], capsys)
+    assert code == 2
+    _one_error_line(err, "without final.safetensors", str(run_dir / "step10.safetensors"))
