@@ -73,3 +73,28 @@ def test_model_a_run_folder_without_final_weights(tmp_path, capsys):
     code, _, err = run(["info", "--model", run_dir], capsys)
     assert code == 2
     _one_error_line(err, "without final.safetensors", str(run_dir / "step10.safetensors"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["segment", "IMG", "--classes", "square", "--out", ""],
+    ["segment", "", "--classes", "square", "--out", "OUT"],
+    ["pseudo-label", "--data", "DS", "--out", ""],
+    ["export", "--out", ""],
+    ["evaluate", "--data", "DS", "--json", ""],
+    ["train", "--data", "DS", "--out", "OUT", "--config", ""],
+], ids=["segment-out", "segment-image", "pseudo-label-out", "export-out", "evaluate-json", "train-config"])
+def test_an_empty_path_is_refused(tmp_path, capsys, monkeypatch, argv):
+    """An empty path (an unset shell variable) was the current folder: segment, export and pseudo-label wrote
+    there, evaluate dropped --json and train --config silently; now one line naming the flag."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=1, size=64)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "img000.png").write_bytes((ds / "images" / "img000.png").read_bytes())
+    monkeypatch.chdir(cwd)
+    subst = {"IMG": str(ds / "images" / "img000.png"), "DS": str(ds), "OUT": str(tmp_path / "o")}
+    code, _, err = run([subst.get(x, x) for x in argv], capsys)
+    assert code == 2
+    flag = "an image path" if argv[1] == "" else argv[argv.index("") - 1]
+    _one_error_line(err, f"{flag} is empty")
+    assert sorted(p.name for p in cwd.iterdir()) == ["img000.png"], "something was written in the current folder"
+    assert not (tmp_path / "o").exists()

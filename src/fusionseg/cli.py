@@ -62,6 +62,20 @@ def _check_device_here(device: str | None, flag: str = "--device") -> None:
             raise CLIError(f"{flag} mps was asked for but MPS is not available here; use {flag} cpu")
 
 
+#: Flags naming a file or folder: an empty value ("" from an unset shell variable) is refused rather than read as
+#: the current folder (where segment, export and pseudo-label would write) or ignored.
+PATH_FLAGS = ("images", "out", "model", "data", "config", "json", "report", "classes_file", "cache_dir", "init",
+              "resume", "teacher")
+
+
+def _check_no_blank_paths(a: argparse.Namespace) -> None:
+    for attr in PATH_FLAGS:
+        v = getattr(a, attr, None)
+        if any(isinstance(x, str) and not x.strip() for x in (v if isinstance(v, list) else [v])):
+            what = "an image path" if attr == "images" else "--" + attr.replace("_", "-")
+            raise CLIError(f"{what} is empty (an unset shell variable?); give a file or folder")
+
+
 def _check_number(a: argparse.Namespace, attr: str, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
                   flag: str | None = None) -> None:
     """Refuse ``a.attr`` (when given) outside [lo, hi] (or the open ends), or not finite, naming the flag."""
@@ -941,6 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from PIL import Image  # the declared size is checked against our own limit; Pillow's warning is noise
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _check_no_blank_paths(a)
         return a.func(a) or 0
     except (ValueError, OSError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
