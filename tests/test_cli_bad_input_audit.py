@@ -1,5 +1,7 @@
 """Bad and unusual input found by a pass over every subcommand: each case failed before its fix (one line on
 stderr and exit 2 for bad input, the normal result for unusual-but-valid input)."""
+import json
+
 import pytest
 
 from conftest import make_shapes_dataset, run_cli as run
@@ -98,3 +100,18 @@ def test_an_empty_path_is_refused(tmp_path, capsys, monkeypatch, argv):
     _one_error_line(err, f"{flag} is empty")
     assert sorted(p.name for p in cwd.iterdir()) == ["img000.png"], "something was written in the current folder"
     assert not (tmp_path / "o").exists()
+
+
+def test_one_image_named_twice_is_read_once(tmp_path, capsys):
+    """``segment photos photos/a.png`` (a folder and a file in it) was refused: "a.png and a.png would both write
+    ...; rename one of them"; the same file is now read once."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=2, size=64)
+    imgs = ds / "images"
+    code, out, err = run(["segment", imgs, imgs / "img001.png", imgs / ".." / "images" / "img000.png",
+                          "--classes", "square, disc", "--out", tmp_path / "o", "--workers", "0", "--no-overlay"],
+                         capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "fusionseg-summary.json", "img000.json", "img000.png", "img001.json", "img001.png"]
+    summary = json.loads((tmp_path / "o" / "fusionseg-summary.json").read_text())
+    assert [st["status"] for st in summary["images"]] == ["ok", "ok"]

@@ -109,6 +109,8 @@ def _image_paths(items: Sequence[str]) -> list[Path]:
             out.append(p)
         else:
             raise CLIError(f"no such file or folder: {p}")
+    seen: set[Path] = set()  # one image named twice (a folder and a file in it, a repeated glob) is read once
+    out = [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
     stems = {}
     for p in out:
         if p.stem in stems and stems[p.stem] != p:
