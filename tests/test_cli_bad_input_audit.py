@@ -115,3 +115,13 @@ def test_one_image_named_twice_is_read_once(tmp_path, capsys):
         "fusionseg-summary.json", "img000.json", "img000.png", "img001.json", "img001.png"]
     summary = json.loads((tmp_path / "o" / "fusionseg-summary.json").read_text())
     assert [st["status"] for st in summary["images"]] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("size", ["0", "-5", "100000"])
+def test_export_size_out_of_range(tmp_path, capsys, size):
+    """export --size 0 and -5 were taken silently (the default, 32 px) and 100000 ended in a torch allocation
+    traceback; now the range train and cache use, one line."""
+    code, _, err = run(["export", "--out", tmp_path / "o", "--size", size], capsys)
+    assert code == 2
+    _one_error_line(err, "--size must be in [32, 4096]", size)
+    assert not (tmp_path / "o").exists()

@@ -555,6 +555,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export.onnx import export_onnx
     if a.format != "onnx":
         raise CLIError(f"--format must be onnx, got {a.format!r}")
+    _check_number(a, "size", 32, 4096)  # the traced example's side (0 read as the default, 100000 ran out of memory)
     info = export_onnx(a.model, a.out, classes=a.classes, size=a.size, opset=a.opset)
     print(f"exported {a.model} to {a.out}: {', '.join(info['files'])}")
     return 0
