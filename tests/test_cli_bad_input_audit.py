@@ -125,3 +125,36 @@ def test_export_size_out_of_range(tmp_path, capsys, size):
     assert code == 2
     _one_error_line(err, "--size must be in [32, 4096]", size)
     assert not (tmp_path / "o").exists()
+
+
+MANIFESTS = {  # dataset.json -> words of the one error line
+    "a list": ([1, 2], "must hold a JSON object"),
+    "class key not a number": ({"classes": {"x": "square"}}, "class key 'x' is not a mask value"),
+    "class key past 255": ({"classes": {"300": "square"}}, "outside the 8-bit mask values"),
+    "class key negative": ({"classes": {"-1": "square"}}, "class key '-1' is not a mask value"),
+    "class name empty": ({"classes": {"1": " "}}, "class '1' needs a name"),
+    "class name not text": ({"classes": {"1": ["square"]}}, "class '1' needs a name"),
+    "background past 255": ({"background_values": [999]}, "background value 999 is outside"),
+    "ignore not a list": ({"ignore_values": 255}, "'ignore_values' must be a list"),
+    "images not a folder name": ({"images": 5}, "'images' must name a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFESTS))
+def test_train_on_a_malformed_dataset_json(tmp_path, capsys, case):
+    """A dataset.json that is valid JSON but not the folder format ended in a traceback (a list, a class key
+    past 255, a folder name that is a number), a bare "invalid literal for int()" (a key that is not a number)
+    or was taken wrongly (key -1 marked value 255; an empty class name); now one line naming the file."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=2, size=64)
+    change, words = MANIFESTS[case]
+    if isinstance(change, dict):
+        meta = json.loads((ds / "dataset.json").read_text())
+        meta.update(change)
+        change = meta
+    (ds / "dataset.json").write_text(json.dumps(change))
+    code, _, err = run(["train", "--data", ds, "--out", tmp_path / "run", "--image-encoder", "test-pool",
+                        "--text-encoder", "test-hash", "--preset", "tiny", "--steps", "2", "--size", "64",
+                        "--cache-dir", tmp_path / "c"], capsys)
+    assert code == 2
+    _one_error_line(err, str(ds / "dataset.json"), words)
+    assert not (tmp_path / "run").exists()

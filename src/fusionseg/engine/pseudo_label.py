@@ -325,7 +325,7 @@ def expand_collection(path: str | Path) -> list[Path]:
             meta = json.loads(m.read_text())
         except json.JSONDecodeError:
             return [p]
-        if meta.get("format") == COLLECTION_FORMAT:
+        if isinstance(meta, dict) and meta.get("format") == COLLECTION_FORMAT:
             parts = [p / q for q in meta.get("parts", [])]
             missing = [str(q) for q in parts if not (q / "dataset.json").is_file()]
             if missing:
