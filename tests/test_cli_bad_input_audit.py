@@ -8,7 +8,8 @@ from conftest import make_shapes_dataset, run_cli as run
 
 
 def _one_error_line(err: str, *words: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and ": warning: " not in ln]
+    lines = [ln for ln in err.strip().splitlines()  # warnings and progress bars aside
+             if ln.strip() and ": warning: " not in ln and "%|" not in ln]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "error" in lines[0] and all(w in lines[0] for w in words), lines[0]
     return lines[0]
@@ -158,3 +159,23 @@ def test_train_on_a_malformed_dataset_json(tmp_path, capsys, case):
     assert code == 2
     _one_error_line(err, str(ds / "dataset.json"), words)
     assert not (tmp_path / "run").exists()
+
+
+def test_train_rerun_after_a_failed_start_is_not_refused(tmp_path, capsys):
+    """A train that stopped on bad input found after config.toml and splits.json were written (here a --init that
+    is not a checkpoint) left those files, and the corrected command was then refused: "holds a training run
+    ... pass --resume or --overwrite". Nothing was trained, so the rerun now runs as given."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=4, size=64)
+    base = ["train", "--data", ds, "--out", tmp_path / "run", "--image-encoder", "test-pool", "--text-encoder",
+            "test-hash", "--preset", "tiny", "--steps", "2", "--size", "64", "--val-fraction", "0",
+            "--cache-dir", tmp_path / "c"]
+    (tmp_path / "text.safetensors").write_text("not weights")
+    code, _, err = run(base + ["--init", tmp_path / "text.safetensors"], capsys)
+    assert code == 2
+    _one_error_line(err, "not a readable safetensors checkpoint")
+    code, out, err = run(base, capsys)
+    assert code == 0, err
+    assert (tmp_path / "run" / "final.safetensors").is_file() and "trained 2 steps" in out
+    code, _, err = run(base, capsys)  # a run that trained is still protected
+    assert code == 2
+    _one_error_line(err, "holds a training run", "step 2")

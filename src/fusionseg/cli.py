@@ -514,13 +514,16 @@ def _run_steps(out: Path) -> int | None:
 
 
 def _check_run_folder(out: Path, resume, overwrite: bool) -> None:
-    """``train --out`` onto a folder holding a run: refused unless --resume or --overwrite, naming what is there."""
+    """``train --out`` onto a folder holding a run: refused unless --resume or --overwrite, naming what is there.
+    A run that stopped before its first step (bad input found after config.toml and splits.json were written)
+    trained nothing: its files are replaced, so the corrected command runs as given."""
     found = [f for f in RUN_FILES if (out / f).exists()] + sorted(p.name for p in out.glob("step*.safetensors"))
     if not found or resume:
         if found and overwrite:
             raise CLIError("give --resume or --overwrite, not both")
         return
-    if not overwrite:
+    trained = _run_steps(out) is not None or (out / "state.pt").exists() or any(out.glob("step*.safetensors"))
+    if not overwrite and trained:
         what = []
         try:
             from .engine.config import load_config_file
