@@ -179,3 +179,13 @@ def test_train_rerun_after_a_failed_start_is_not_refused(tmp_path, capsys):
     code, _, err = run(base, capsys)  # a run that trained is still protected
     assert code == 2
     _one_error_line(err, "holds a training run", "step 2")
+
+
+def test_train_config_that_is_not_text(tmp_path, capsys):
+    """--config on a binary file (an image) said only "'utf-8' codec can't decode byte 0xff ...", naming no file."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=1, size=64)
+    img = ds / "images" / "img000.png"
+    code, _, err = run(["train", "--config", img, "--data", ds, "--out", tmp_path / "run"], capsys)
+    assert code == 2
+    _one_error_line(err, str(img), "not a TOML text file")
+    assert not (tmp_path / "run").exists()

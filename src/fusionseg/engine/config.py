@@ -192,6 +192,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raw = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{p} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # e.g. an image given as --config
+        raise ValueError(f"{p} is not a TOML text file (not UTF-8: byte 0x{e.object[e.start]:02x} at {e.start})") from None
     flat: dict[str, Any] = {}
     for k, v in raw.items():
         items = v.items() if isinstance(v, dict) else [(k, v)]
