@@ -189,3 +189,13 @@ def test_train_config_that_is_not_text(tmp_path, capsys):
     assert code == 2
     _one_error_line(err, str(img), "not a TOML text file")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--json", "--report"])
+def test_evaluate_report_onto_a_folder_is_refused_before_the_run(tmp_path, capsys, flag):
+    """evaluate --json FOLDER ran the whole evaluation and only then failed ("cannot write to FOLDER: it is a
+    folder"); now refused before the model loads."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=1, size=64)
+    code, out, err = run(["evaluate", "--data", ds, "--model", tmp_path / "missing", flag, tmp_path], capsys)
+    assert code == 2
+    _one_error_line(err, f"{flag} {tmp_path} is a folder")  # not "checkpoint not found": before the model

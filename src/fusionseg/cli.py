@@ -640,8 +640,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    for p in (a.json, a.report):
+    for flag, p in (("--json", a.json), ("--report", a.report)):
         if p:
+            if Path(p).is_dir():  # found only when the report is written, after the whole evaluation
+                raise CLIError(f"{flag} {p} is a folder; give a file name")
             _check_writable(Path(p).resolve().parent)
     rep = evaluate(model=a.model, data=a.data, protocol=a.protocol, fold=a.fold, threshold=a.threshold,
                    device=a.device, json_path=a.json, report_path=a.report, max_images=a.max_images,
