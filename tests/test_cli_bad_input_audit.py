@@ -199,3 +199,30 @@ def test_evaluate_report_onto_a_folder_is_refused_before_the_run(tmp_path, capsy
     code, out, err = run(["evaluate", "--data", ds, "--model", tmp_path / "missing", flag, tmp_path], capsys)
     assert code == 2
     _one_error_line(err, f"{flag} {tmp_path} is a folder")  # not "checkpoint not found": before the model
+
+
+@pytest.mark.parametrize("names,teacher,words", [
+    ("square, square", "MODEL", "duplicate class name"),
+    ("square,,disc", "MODEL", "blank"),
+    ("x" * 101, "MODEL", "characters long"),
+    (" , ", "MODEL", "the class list is empty"),
+    ("square, disc", "bridge", "--names applies to a model or MaskCLIP teacher"),
+    (None, "bogus", "checkpoint not found: bogus"),
+])
+def test_pseudo_label_names_follow_the_class_name_policy(tmp_path, capsys, names, teacher, words):
+    """pseudo-label --names split at commas on its own: "cat, cat" made two teacher classes, a 300-character
+    name was taken, "," fell back to the model's own names, and with the bridge teacher --names was dropped
+    without a word; now the one class-name policy, one line, before any image is read. A bad --teacher left an
+    empty --out folder behind."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(
+        (make_shapes_dataset(tmp_path / "shapes", n=1, size=64) / "images" / "img000.png").read_bytes())
+    model = tmp_path / "model.safetensors"
+    model.write_text("never read")  # the names are checked before the teacher loads
+    code, _, err = run(["pseudo-label", "--data", photos, "--out", tmp_path / "o", "--examples", "0",
+                        "--teacher", model if teacher == "MODEL" else teacher]
+                       + ([] if names is None else ["--names", names]), capsys)
+    assert code == 2
+    _one_error_line(err, words)
+    assert not (tmp_path / "o").exists()

@@ -674,16 +674,24 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
     for d in a.data:
         if not Path(d).is_dir():
             raise CLIError(f"no such folder: {d}")
-    _check_writable(Path(a.out))
-    if a.threads:
-        import torch
-        torch.set_num_threads(a.threads)
-    names = [n.strip() for n in a.names.split(",") if n.strip()] if a.names else None
-    teacher = build_teacher(a.teacher, image_encoder=a.image_encoder, device=a.device, names=names, **_tta_kw(a))
-    exclude = [c for c in (a.exclude_classes or "").split(",") if c.strip()]
-    rep = pseudo_label(a.data, a.out, teacher, min_peak=a.min_peak, min_confidence=a.min_confidence,
-                       known_fraction=a.known_fraction, exclude_classes=exclude, val_fraction=a.val_fraction,
-                       seed=a.seed, holdout=a.holdout or [], examples=a.examples, max_images=a.max_images)
+    from .names import parse_class_names
+    names = None if a.names is None else parse_class_names(a.names)  # the one policy (blank, duplicate, long names)
+    out = Path(a.out)
+    created = not out.exists()
+    _check_writable(out)
+    try:
+        if a.threads:
+            import torch
+            torch.set_num_threads(a.threads)
+        teacher = build_teacher(a.teacher, image_encoder=a.image_encoder, device=a.device, names=names, **_tta_kw(a))
+        exclude = [c for c in (a.exclude_classes or "").split(",") if c.strip()]
+        rep = pseudo_label(a.data, a.out, teacher, min_peak=a.min_peak, min_confidence=a.min_confidence,
+                           known_fraction=a.known_fraction, exclude_classes=exclude, val_fraction=a.val_fraction,
+                           seed=a.seed, holdout=a.holdout or [], examples=a.examples, max_images=a.max_images)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run stopped before writing anything (a bad --teacher, --image-encoder) leaves no folder
+        raise
     print(f"labelled {rep['images']} images into {len(rep['parts'])} part(s) under {a.out} "
           f"({rep['classes_with_pixels']} of {rep['teacher_classes']} teacher classes with pixels, "
           f"{rep['ignored_fraction']:.0%} of pixels ignored); train with --data {a.out}")
