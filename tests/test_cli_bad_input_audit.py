@@ -226,3 +226,22 @@ def test_pseudo_label_names_follow_the_class_name_policy(tmp_path, capsys, names
     assert code == 2
     _one_error_line(err, words)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["segment", "IMG", "--out", "OUT", "--classes", "@names.txt"], "give --classes-file names.txt"),
+    (["evaluate", "--data", "DS", "--protocol", "novel-names", "--classes", " @names.txt"], "list the names"),
+    (["pseudo-label", "--data", "DS", "--out", "OUT", "--teacher", "default", "--names", "@names.txt"],
+     "--names '@names.txt' is read as class names"),
+    (["export", "--out", "OUT", "--classes", "@names.txt"], "not as a file"),
+])
+def test_classes_at_file_is_not_a_class_name(tmp_path, capsys, argv, words):
+    """--classes @names.txt (how many tools read a file) segmented the image as one class named "@names.txt",
+    exit 0; the README has --classes-file for that, and the value is now refused naming it."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=1, size=64)
+    (tmp_path / "names.txt").write_text("square\ndisc\n")
+    subst = {"IMG": str(ds / "images" / "img000.png"), "DS": str(ds), "OUT": str(tmp_path / "o")}
+    code, _, err = run([subst.get(x, x) for x in argv], capsys)
+    assert code == 2
+    _one_error_line(err, "is read as class names, not as a file", words)
+    assert not (tmp_path / "o").exists()

@@ -200,12 +200,24 @@ def _write_outputs(p: Path, out: Path, pred, ov_img, names: list[str], info_extr
             f"{'' if ov is None else ', ' + str(out / (p.stem + '_overlay.png'))}, {out / (p.stem + '.json')}")
 
 
+def _class_list(value: str, flag: str = "--classes", file_flag: str | None = None) -> list[str]:
+    """A class-list flag under the one policy (fusionseg.names); ``@names.txt`` (the usual spelling of "read this
+    file" elsewhere) is refused rather than taken as one class named "@names.txt"."""
+    from .names import parse_class_names
+    v = value.strip()
+    if v.startswith("@"):
+        raise CLIError(f"{flag} {v!r} is read as class names, not as a file; "
+                       + (f"give {file_flag} {v[1:]}" if file_flag else "list the names themselves"))
+    return parse_class_names(value)
+
+
 def _segment_names(a: argparse.Namespace) -> list[str]:
     """--classes (comma-separated, or a JSON list for names with commas) or --classes-file (one name a line)."""
-    from .names import parse_class_names, read_classes_file
+    from .names import read_classes_file
     if (a.classes is None) == (a.classes_file is None):
         raise CLIError("give the class names with exactly one of --classes \"cat, sofa\" or --classes-file FILE")
-    return parse_class_names(a.classes) if a.classes is not None else read_classes_file(a.classes_file)
+    return (_class_list(a.classes, file_flag="--classes-file") if a.classes is not None
+            else read_classes_file(a.classes_file))
 
 
 def _check_segment_args(a: argparse.Namespace) -> None:
@@ -559,6 +571,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.format != "onnx":
         raise CLIError(f"--format must be onnx, got {a.format!r}")
     _check_number(a, "size", 32, 4096)  # the traced example's side (0 read as the default, 100000 ran out of memory)
+    if a.classes:
+        _class_list(a.classes)
     info = export_onnx(a.model, a.out, classes=a.classes, size=a.size, opset=a.opset)
     print(f"exported {a.model} to {a.out}: {', '.join(info['files'])}")
     return 0
@@ -634,8 +648,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.classes is not None:
         if a.protocol != "novel-names":
             raise CLIError("--classes applies to --protocol novel-names only")
-        from .names import parse_class_names
-        a.classes = parse_class_names(a.classes)
+        a.classes = _class_list(a.classes)
     from .engine.evaluate import evaluate
     if a.threads:
         import torch
@@ -674,8 +687,7 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
     for d in a.data:
         if not Path(d).is_dir():
             raise CLIError(f"no such folder: {d}")
-    from .names import parse_class_names
-    names = None if a.names is None else parse_class_names(a.names)  # the one policy (blank, duplicate, long names)
+    names = None if a.names is None else _class_list(a.names, "--names")  # the one policy (blank, duplicate, long)
     out = Path(a.out)
     created = not out.exists()
     _check_writable(out)
