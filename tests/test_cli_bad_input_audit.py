@@ -245,3 +245,20 @@ def test_classes_at_file_is_not_a_class_name(tmp_path, capsys, argv, words):
     assert code == 2
     _one_error_line(err, "is read as class names, not as a file", words)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["cache", "train"])
+def test_unwritable_cache_dir_is_refused_before_the_features(tmp_path, capsys, command):
+    """--cache-dir on a file (or /proc) failed only after the first shard's features were computed (hours on
+    a large folder); now refused before the encoder runs."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=2, size=64)
+    (tmp_path / "afile").write_text("")
+    argv = [command, "--data", ds, "--cache-dir", tmp_path / "afile" / "cache", "--image-encoder", "test-pool",
+            "--size", "64"]
+    if command == "train":
+        argv += ["--out", tmp_path / "run", "--text-encoder", "test-hash", "--preset", "tiny", "--steps", "2"]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    line = _one_error_line(err, "cannot write to the feature cache folder", "--cache-dir")
+    assert "%" not in err, "features were computed before the refusal"
+    assert not (tmp_path / "run").exists(), line

@@ -126,6 +126,19 @@ def _check_writable(folder: Path) -> None:
         raise CLIError(f"cannot write to output folder {folder}: {why}")
 
 
+def _check_cache_dir(cache_dir) -> None:
+    """The feature cache folder can be made (else found only after the first shard's features were computed)."""
+    from ._atomic import unwritable_reason
+    from .data.features import default_cache_dir
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    if folder.is_dir():  # a cache that is there may be read-only and still hold every shard a run reads
+        return
+    why = unwritable_reason(folder)
+    if why:
+        raise CLIError(f"cannot write to the feature cache folder {folder}: {why}; pass --cache-dir with a writable "
+                       f"folder")
+
+
 #: The overlay picture is drawn at most this many px on its longer side (the label PNG stays full size).
 OVERLAY_MAX_SIDE = 4096
 #: zlib level of the overlay PNG (a photo-like picture: level 6 took 3.5x as long for a ~25% smaller file;
@@ -611,6 +624,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, warmup=min(max(1, cfg.steps // 20), cfg.steps - 1))  # --steps 1: none
     _check_train_config(cfg, a)
     _check_device_here(cfg.device)
+    if cfg.cache:
+        _check_cache_dir(cfg.cache_dir)
     if cfg.warmup >= cfg.steps:
         raise CLIError(f"warmup {cfg.warmup} is not shorter than the run ({cfg.steps} steps): the learning rate "
                        f"would never reach its peak; lower warmup or raise --steps")
@@ -727,6 +742,7 @@ def cmd_cache(a: argparse.Namespace) -> int:
     from .engine.train import open_datasets
     open_datasets(a.data, a.fold)  # reads only the manifests: a wrong --data answers before any work
     _check_device_here(a.device)
+    _check_cache_dir(a.cache_dir)
     from .data.features import cache_features
     from .engine.train import build_encoder_for_training, default_scales, init_distributed, open_datasets
     dist, device = init_distributed(a.device)  # under torchrun each rank computes its share of the shards
