@@ -262,3 +262,19 @@ def test_unwritable_cache_dir_is_refused_before_the_features(tmp_path, capsys, c
     line = _one_error_line(err, "cannot write to the feature cache folder", "--cache-dir")
     assert "%" not in err, "features were computed before the refusal"
     assert not (tmp_path / "run").exists(), line
+
+
+def test_ray_actor_start_failure_names_its_cause():
+    """segment --engine ray --model MISSING said only "the actors could not start: The actor died because of an
+    error raised in its creation task, ray::SegmentWorker.__init__() (pid=...)": the cause, the actor's own
+    error, is the last line of Ray's message (an ActorDiedError with actor_init_failed, shaped here without Ray)."""
+    from fusionseg.scale.ray_engine import _cause
+
+    class ActorDied(Exception):
+        actor_init_failed = True
+
+    e = ActorDied("The actor died because of an error raised in its creation task, ray::SegmentWorker.__init__() "
+                  "(pid=1, ip=10.0.0.1)\n  File \"x.py\", line 3, in __init__\n    raise CheckpointError(msg)\n"
+                  "fusionseg.model.checkpoint.CheckpointError: checkpoint not found: /m (give 'default', ...)")
+    assert _cause(e) == "checkpoint not found: /m (give 'default', ...)"
+    assert _cause(RuntimeError("one line\nmore")) == "one line"  # other errors: their first line, as before
