@@ -141,6 +141,17 @@ MANIFESTS = {  # dataset.json -> words of the one error line
 }
 
 
+def test_train_scales_with_no_size_is_refused(tmp_path, capsys):
+    """train --scales "," (no size in the list) trained at the default scales without a word."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=1, size=64)
+    code, _, err = run(["train", "--data", ds, "--out", tmp_path / "run", "--scales", " , ", "--image-encoder",
+                        "test-pool", "--text-encoder", "test-hash", "--preset", "tiny", "--steps", "1", "--size",
+                        "64", "--cache-dir", tmp_path / "c"], capsys)
+    assert code == 2
+    _one_error_line(err, "--scales must be comma-separated integers")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("case", list(MANIFESTS))
 def test_train_on_a_malformed_dataset_json(tmp_path, capsys, case):
     """A dataset.json that is valid JSON but not the folder format ended in a traceback (a list, a class key

@@ -328,6 +328,8 @@ def flag_values(args) -> dict[str, Any]:
                     out[f.name] = [int(x) for x in v.split(",") if x.strip()]
                 except ValueError:
                     raise ValueError(f"{_option(f)} must be comma-separated integers, got {v!r}") from None
+                if not out[f.name]:  # "," would fall back to the default without a word
+                    raise ValueError(f"{_option(f)} must be comma-separated integers, got {v!r}")
             else:
                 out[f.name] = [x for x in v.split(",") if x.strip()]
         elif kind in ("value", "append", "resume") and v is not None:
