@@ -289,3 +289,17 @@ def test_ray_actor_start_failure_names_its_cause():
                   "fusionseg.model.checkpoint.CheckpointError: checkpoint not found: /m (give 'default', ...)")
     assert _cause(e) == "checkpoint not found: /m (give 'default', ...)"
     assert _cause(RuntimeError("one line\nmore")) == "one line"  # other errors: their first line, as before
+
+
+def test_python_dash_m_fusionseg(tmp_path):
+    """``python -m fusionseg`` (the usual way to run a package's command line, e.g. from another venv's python)
+    said "No module named fusionseg.__main__"."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    r = subprocess.run([sys.executable, "-m", "fusionseg", "segment", str(tmp_path / "missing.png"), "--classes",
+                        "cat", "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    _one_error_line(r.stderr, "no such file or folder", "missing.png")
