@@ -303,3 +303,17 @@ def test_python_dash_m_fusionseg(tmp_path):
                         "cat", "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2, r.stderr
     _one_error_line(r.stderr, "no such file or folder", "missing.png")
+
+
+def test_train_holdout_naming_no_image_is_said(tmp_path, capsys):
+    """--holdout with an id no dataset has (a typo, an extension: "img001.png") trained without a word, on the
+    image meant to be kept out; now a warning names it, like --exclude-classes does for names."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=3, size=64)
+    code, out, err = run(["train", "--data", ds, "--out", tmp_path / "run", "--image-encoder", "test-pool",
+                          "--text-encoder", "test-hash", "--preset", "tiny", "--steps", "1", "--size", "64",
+                          "--val-fraction", "0", "--cache-dir", tmp_path / "c", "--holdout", "img001.png",
+                          "--holdout", "img002"], capsys)
+    assert code == 0, err
+    assert "warning: --holdout names no image of the data: img001.png" in out + err
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert splits["shapes"]["val"] == ["img002"]
