@@ -317,3 +317,19 @@ def test_train_holdout_naming_no_image_is_said(tmp_path, capsys):
     assert "warning: --holdout names no image of the data: img001.png" in out + err
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert splits["shapes"]["val"] == ["img002"]
+
+
+def test_pseudo_label_with_every_teacher_class_excluded(tmp_path):
+    """Excluding every teacher class (on images without ground truth) wrote parts declaring no class, said
+    "train with --data OUT", and train then refused them; now refused before any image is labelled."""
+    from fusionseg.engine.pseudo_label import PseudoLabelError, pseudo_label
+    from test_pseudo_label import StubTeacher, _photos
+    photos = _photos(tmp_path / "photos", n=1)
+    with pytest.raises(PseudoLabelError, match="leaves the teacher none of its 3 classes"):
+        pseudo_label([str(photos)], tmp_path / "out", StubTeacher(k=3), progress=False, examples=0,
+                     exclude_classes=["object", "animal"])  # every class's synonyms
+    assert not (tmp_path / "out" / "dataset.json").exists()
+    shapes = make_shapes_dataset(tmp_path / "shapes", n=1, size=64)  # ground truth brings names: still a dataset
+    rep = pseudo_label([str(shapes)], tmp_path / "out2", StubTeacher(k=3), progress=False, examples=0,
+                       exclude_classes=["object", "animal"])
+    assert rep["images"] == 1
