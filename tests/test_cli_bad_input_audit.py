@@ -333,3 +333,14 @@ def test_pseudo_label_with_every_teacher_class_excluded(tmp_path):
     rep = pseudo_label([str(shapes)], tmp_path / "out2", StubTeacher(k=3), progress=False, examples=0,
                        exclude_classes=["object", "animal"])
     assert rep["images"] == 1
+
+
+def test_model_an_onnx_export_folder(tmp_path, capsys):
+    """An ONNX export folder as --model of a torch command said "checkpoint not found ... give a training run
+    folder"; now it says what the folder is and how it runs."""
+    exp = tmp_path / "export"
+    exp.mkdir()
+    (exp / "fusionseg-onnx.json").write_text("{}")
+    code, _, err = run(["info", "--model", exp], capsys)
+    assert code == 2
+    _one_error_line(err, "is an ONNX export", f"--runtime onnx --model {exp}")
