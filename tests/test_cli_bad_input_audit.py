@@ -344,3 +344,14 @@ def test_model_an_onnx_export_folder(tmp_path, capsys):
     code, _, err = run(["info", "--model", exp], capsys)
     assert code == 2
     _one_error_line(err, "is an ONNX export", f"--runtime onnx --model {exp}")
+
+
+def test_segment_a_pipe_is_named_as_such(tmp_path, capsys):
+    """A named pipe (or /dev/stdin fed by a pipe) said "no such file or folder" for a path that exists."""
+    import os
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    code, _, err = run(["segment", fifo, "--classes", "cat", "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    _one_error_line(err, "is not a regular file")
+    assert not (tmp_path / "o").exists()

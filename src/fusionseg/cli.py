@@ -107,6 +107,8 @@ def _image_paths(items: Sequence[str]) -> list[Path]:
             out += found
         elif p.is_file():
             out.append(p)
+        elif p.exists():  # a pipe (<(...), /dev/stdin from a pipe) or a device: read once, by name, it cannot be
+            raise CLIError(f"{p} is not a regular file (a pipe or a device); save the image to a file first")
         else:
             raise CLIError(f"no such file or folder: {p}")
     seen: set[Path] = set()  # one image named twice (a folder and a file in it, a repeated glob) is read once
