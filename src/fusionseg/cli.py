@@ -45,6 +45,37 @@ def _check_device(device: str | None, flag: str = "--device") -> None:
         raise CLIError(f"{flag} must be cpu, cuda, cuda:N or mps, got {device!r}")
 
 
+def _check_device_here(device: str | None, flag: str = "--device") -> None:
+    """The device exists on this machine (imports torch): CUDA or MPS available, cuda:N within the device count."""
+    if device is None or device == "cpu":
+        return
+    import torch
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CLIError(f"{flag} {device} was asked for but CUDA is not available here; use {flag} cpu")
+        n = torch.cuda.device_count()
+        if int(device.partition(":")[2] or 0) >= n:
+            raise CLIError(f"{flag} {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise CLIError(f"{flag} mps was asked for but MPS is not available here; use {flag} cpu")
+
+
+#: Flags naming a file or folder: an empty value ("" from an unset shell variable) is refused rather than read as
+#: the current folder (where segment, export and pseudo-label would write) or ignored.
+PATH_FLAGS = ("images", "out", "model", "data", "config", "json", "report", "classes_file", "cache_dir", "init",
+              "resume", "teacher")
+
+
+def _check_no_blank_paths(a: argparse.Namespace) -> None:
+    for attr in PATH_FLAGS:
+        v = getattr(a, attr, None)
+        if any(isinstance(x, str) and not x.strip() for x in (v if isinstance(v, list) else [v])):
+            what = "an image path" if attr == "images" else "--" + attr.replace("_", "-")
+            raise CLIError(f"{what} is empty (an unset shell variable?); give a file or folder")
+
+
 def _check_number(a: argparse.Namespace, attr: str, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
                   flag: str | None = None) -> None:
     """Refuse ``a.attr`` (when given) outside [lo, hi] (or the open ends), or not finite, naming the flag."""
@@ -76,8 +107,12 @@ def _image_paths(items: Sequence[str]) -> list[Path]:
             out += found
         elif p.is_file():
             out.append(p)
+        elif p.exists():  # a pipe (<(...), /dev/stdin from a pipe) or a device: read once, by name, it cannot be
+            raise CLIError(f"{p} is not a regular file (a pipe or a device); save the image to a file first")
         else:
             raise CLIError(f"no such file or folder: {p}")
+    seen: set[Path] = set()  # one image named twice (a folder and a file in it, a repeated glob) is read once
+    out = [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
     stems = {}
     for p in out:
         if p.stem in stems and stems[p.stem] != p:
@@ -91,6 +126,19 @@ def _check_writable(folder: Path) -> None:
     why = unwritable_reason(folder)
     if why:
         raise CLIError(f"cannot write to output folder {folder}: {why}")
+
+
+def _check_cache_dir(cache_dir) -> None:
+    """The feature cache folder can be made (else found only after the first shard's features were computed)."""
+    from ._atomic import unwritable_reason
+    from .data.features import default_cache_dir
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    if folder.is_dir():  # a cache that is there may be read-only and still hold every shard a run reads
+        return
+    why = unwritable_reason(folder)
+    if why:
+        raise CLIError(f"cannot write to the feature cache folder {folder}: {why}; pass --cache-dir with a writable "
+                       f"folder")
 
 
 #: The overlay picture is drawn at most this many px on its longer side (the label PNG stays full size).
@@ -167,12 +215,24 @@ def _write_outputs(p: Path, out: Path, pred, ov_img, names: list[str], info_extr
             f"{'' if ov is None else ', ' + str(out / (p.stem + '_overlay.png'))}, {out / (p.stem + '.json')}")
 
 
+def _class_list(value: str, flag: str = "--classes", file_flag: str | None = None) -> list[str]:
+    """A class-list flag under the one policy (fusionseg.names); ``@names.txt`` (the usual spelling of "read this
+    file" elsewhere) is refused rather than taken as one class named "@names.txt"."""
+    from .names import parse_class_names
+    v = value.strip()
+    if v.startswith("@"):
+        raise CLIError(f"{flag} {v!r} is read as class names, not as a file; "
+                       + (f"give {file_flag} {v[1:]}" if file_flag else "list the names themselves"))
+    return parse_class_names(value)
+
+
 def _segment_names(a: argparse.Namespace) -> list[str]:
     """--classes (comma-separated, or a JSON list for names with commas) or --classes-file (one name a line)."""
-    from .names import parse_class_names, read_classes_file
+    from .names import read_classes_file
     if (a.classes is None) == (a.classes_file is None):
         raise CLIError("give the class names with exactly one of --classes \"cat, sofa\" or --classes-file FILE")
-    return parse_class_names(a.classes) if a.classes is not None else read_classes_file(a.classes_file)
+    return (_class_list(a.classes, file_flag="--classes-file") if a.classes is not None
+            else read_classes_file(a.classes_file))
 
 
 def _check_segment_args(a: argparse.Namespace) -> None:
@@ -282,6 +342,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
     if a.engine == "ray":  # Ray actors (fusionseg.scale.ray_engine)
         return _segment_ray(a, names)
     paths = _image_paths(a.images)
+    if a.runtime == "torch":
+        _check_device_here(a.device)
     out = Path(a.out)
     overlay = not a.no_overlay
     _check_outputs(paths, out, overlay, a.overwrite)
@@ -478,13 +540,16 @@ def _run_steps(out: Path) -> int | None:
 
 
 def _check_run_folder(out: Path, resume, overwrite: bool) -> None:
-    """``train --out`` onto a folder holding a run: refused unless --resume or --overwrite, naming what is there."""
+    """``train --out`` onto a folder holding a run: refused unless --resume or --overwrite, naming what is there.
+    A run that stopped before its first step (bad input found after config.toml and splits.json were written)
+    trained nothing: its files are replaced, so the corrected command runs as given."""
     found = [f for f in RUN_FILES if (out / f).exists()] + sorted(p.name for p in out.glob("step*.safetensors"))
     if not found or resume:
         if found and overwrite:
             raise CLIError("give --resume or --overwrite, not both")
         return
-    if not overwrite:
+    trained = _run_steps(out) is not None or (out / "state.pt").exists() or any(out.glob("step*.safetensors"))
+    if not overwrite and trained:
         what = []
         try:
             from .engine.config import load_config_file
@@ -519,6 +584,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export.onnx import export_onnx
     if a.format != "onnx":
         raise CLIError(f"--format must be onnx, got {a.format!r}")
+    _check_number(a, "size", 32, 4096)  # the traced example's side (0 read as the default, 100000 ran out of memory)
+    if a.classes:
+        _class_list(a.classes)
     info = export_onnx(a.model, a.out, classes=a.classes, size=a.size, opset=a.opset)
     print(f"exported {a.model} to {a.out}: {', '.join(info['files'])}")
     return 0
@@ -554,8 +622,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     if "warmup" not in values and cfg.warmup > cfg.steps // 2 and cfg.steps >= 1:  # --steps 40, default 150
         import dataclasses
         scaled = cfg.warmup
-        cfg = dataclasses.replace(cfg, warmup=max(1, cfg.steps // 20))
+        cfg = dataclasses.replace(cfg, warmup=min(max(1, cfg.steps // 20), cfg.steps - 1))  # --steps 1: none
     _check_train_config(cfg, a)
+    _check_device_here(cfg.device)
+    if cfg.cache:
+        _check_cache_dir(cfg.cache_dir)
     if cfg.warmup >= cfg.steps:
         raise CLIError(f"warmup {cfg.warmup} is not shorter than the run ({cfg.steps} steps): the learning rate "
                        f"would never reach its peak; lower warmup or raise --steps")
@@ -585,6 +656,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     _check_number(a, "threads", 0, 1024)
     _check_device(a.device)
     _check_tta(a)
+    _check_device_here(a.device)
     if a.max_images is not None and a.protocol == "episodes":
         raise CLIError("--max-images applies to the semantic and novel-names protocols; bound episodes with --episodes")
     if a.episodes is not None and a.protocol != "episodes":
@@ -592,14 +664,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.classes is not None:
         if a.protocol != "novel-names":
             raise CLIError("--classes applies to --protocol novel-names only")
-        from .names import parse_class_names
-        a.classes = parse_class_names(a.classes)
+        a.classes = _class_list(a.classes)
     from .engine.evaluate import evaluate
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    for p in (a.json, a.report):
+    for flag, p in (("--json", a.json), ("--report", a.report)):
         if p:
+            if Path(p).is_dir():  # found only when the report is written, after the whole evaluation
+                raise CLIError(f"{flag} {p} is a folder; give a file name")
             _check_writable(Path(p).resolve().parent)
     rep = evaluate(model=a.model, data=a.data, protocol=a.protocol, fold=a.fold, threshold=a.threshold,
                    device=a.device, json_path=a.json, report_path=a.report, max_images=a.max_images,
@@ -626,19 +699,27 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
     _check_number(a, "threads", 0, 1024)
     _check_device(a.device)
     _check_tta(a)
+    _check_device_here(a.device)
     for d in a.data:
         if not Path(d).is_dir():
             raise CLIError(f"no such folder: {d}")
-    _check_writable(Path(a.out))
-    if a.threads:
-        import torch
-        torch.set_num_threads(a.threads)
-    names = [n.strip() for n in a.names.split(",") if n.strip()] if a.names else None
-    teacher = build_teacher(a.teacher, image_encoder=a.image_encoder, device=a.device, names=names, **_tta_kw(a))
-    exclude = [c for c in (a.exclude_classes or "").split(",") if c.strip()]
-    rep = pseudo_label(a.data, a.out, teacher, min_peak=a.min_peak, min_confidence=a.min_confidence,
-                       known_fraction=a.known_fraction, exclude_classes=exclude, val_fraction=a.val_fraction,
-                       seed=a.seed, holdout=a.holdout or [], examples=a.examples, max_images=a.max_images)
+    names = None if a.names is None else _class_list(a.names, "--names")  # the one policy (blank, duplicate, long)
+    out = Path(a.out)
+    created = not out.exists()
+    _check_writable(out)
+    try:
+        if a.threads:
+            import torch
+            torch.set_num_threads(a.threads)
+        teacher = build_teacher(a.teacher, image_encoder=a.image_encoder, device=a.device, names=names, **_tta_kw(a))
+        exclude = [c for c in (a.exclude_classes or "").split(",") if c.strip()]
+        rep = pseudo_label(a.data, a.out, teacher, min_peak=a.min_peak, min_confidence=a.min_confidence,
+                           known_fraction=a.known_fraction, exclude_classes=exclude, val_fraction=a.val_fraction,
+                           seed=a.seed, holdout=a.holdout or [], examples=a.examples, max_images=a.max_images)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run stopped before writing anything (a bad --teacher, --image-encoder) leaves no folder
+        raise
     print(f"labelled {rep['images']} images into {len(rep['parts'])} part(s) under {a.out} "
           f"({rep['classes_with_pixels']} of {rep['teacher_classes']} teacher classes with pixels, "
           f"{rep['ignored_fraction']:.0%} of pixels ignored); train with --data {a.out}")
@@ -661,6 +742,8 @@ def cmd_cache(a: argparse.Namespace) -> int:
             raise CLIError(f"--scales must be sizes in [32, 4096] px, got {a.scales!r}")
     from .engine.train import open_datasets
     open_datasets(a.data, a.fold)  # reads only the manifests: a wrong --data answers before any work
+    _check_device_here(a.device)
+    _check_cache_dir(a.cache_dir)
     from .data.features import cache_features
     from .engine.train import build_encoder_for_training, default_scales, init_distributed, open_datasets
     dist, device = init_distributed(a.device)  # under torchrun each rank computes its share of the shards
@@ -724,6 +807,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     _check_number(a, "timeout", 0.0, 86_400.0, lo_open=True)
     _check_number(a, "threads", 0, 1024)
     _check_tta(a)
+    _check_device_here(a.device)
     cfg = ServeConfig(model=a.model, device=a.device, size=a.size, workers=a.workers, queue=a.queue,
                       max_upload_bytes=int(a.max_upload_mb * 1024 * 1024), max_pixels=int(a.max_megapixels * 1e6),
                       max_classes=a.max_classes, timeout=a.timeout, threads=a.threads, **_tta_kw(a)).check()
@@ -916,6 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from PIL import Image  # the declared size is checked against our own limit; Pillow's warning is noise
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _check_no_blank_paths(a)
         return a.func(a) or 0
     except (ValueError, OSError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -70,25 +70,45 @@ class FolderDataset:
             meta = json.loads(manifest.read_text())
         except json.JSONDecodeError as e:
             raise DatasetError(f"{manifest} is not valid JSON: {e}") from None
+        if not isinstance(meta, dict):
+            raise DatasetError(f"{manifest} must hold a JSON object (format, images, masks, classes), "
+                               f"got a {type(meta).__name__}")
         if not str(meta.get("format", "")).startswith("fusionseg-folder/"):
             raise DatasetError(f"{manifest}: 'format' must be 'fusionseg-folder/1', got {meta.get('format')!r}")
         if not isinstance(meta.get("classes"), dict) or not meta["classes"]:
             raise DatasetError(f"{manifest}: 'classes' must map mask values to class names")
+        for key in ("images", "masks"):
+            if not isinstance(meta.get(key, key), str) or not meta.get(key, key).strip():
+                raise DatasetError(f"{manifest}: '{key}' must name a folder, got {meta.get(key)!r}")
+
+        def mask_value(v, what: str) -> int:  # an undeclared or out-of-range value would index the table wrongly
+            if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit())):
+                raise DatasetError(f"{manifest}: {what} {v!r} is not a mask value (an integer 0 to 255)")
+            if not 0 <= int(v) <= 255:
+                raise DatasetError(f"{manifest}: {what} {v!r} is outside the 8-bit mask values 0 to 255")
+            return int(v)
+
+        for k, v in meta["classes"].items():
+            if not isinstance(v, str) or not v.strip():
+                raise DatasetError(f"{manifest}: class {k!r} needs a name (a non-empty string), got {v!r}")
+        for key in ("background_values", "ignore_values"):
+            if not isinstance(meta.get(key, []), list):
+                raise DatasetError(f"{manifest}: '{key}' must be a list of mask values, got {meta.get(key)!r}")
         self.meta = meta
         self.image_dir = self.root / meta.get("images", "images")
         self.mask_dir = self.root / meta.get("masks", "masks")
         for d, what in ((self.image_dir, "images"), (self.mask_dir, "masks")):
             if not d.is_dir():
                 raise DatasetError(f"{self.root}: the {what} folder {d.name}/ is missing")
-        raw = sorted((int(k), str(v)) for k, v in meta["classes"].items())
+        raw = sorted((mask_value(k, "class key"), str(v)) for k, v in meta["classes"].items())
         self.class_names: tuple[str, ...] = tuple(v for _, v in raw)
         lut = np.full(256, -1, dtype=np.int16)
         for idx, (value, _) in enumerate(raw, start=1):
             lut[value] = idx
         for v in meta.get("background_values", []):
-            lut[int(v)] = BACKGROUND
+            lut[mask_value(v, "background value")] = BACKGROUND
         for v in meta.get("ignore_values", []):
-            lut[int(v)] = IGNORE
+            lut[mask_value(v, "ignore value")] = IGNORE
         self._lut = lut
         masks = {p.stem: p for p in self.mask_dir.iterdir() if p.suffix.lower() == ".png"}
         images = {p.stem: p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}

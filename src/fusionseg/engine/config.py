@@ -192,6 +192,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raw = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{p} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # e.g. an image given as --config
+        raise ValueError(f"{p} is not a TOML text file (not UTF-8: byte 0x{e.object[e.start]:02x} at {e.start})") from None
     flat: dict[str, Any] = {}
     for k, v in raw.items():
         items = v.items() if isinstance(v, dict) else [(k, v)]
@@ -326,6 +328,8 @@ def flag_values(args) -> dict[str, Any]:
                     out[f.name] = [int(x) for x in v.split(",") if x.strip()]
                 except ValueError:
                     raise ValueError(f"{_option(f)} must be comma-separated integers, got {v!r}") from None
+                if not out[f.name]:  # "," would fall back to the default without a word
+                    raise ValueError(f"{_option(f)} must be comma-separated integers, got {v!r}")
             else:
                 out[f.name] = [x for x in v.split(",") if x.strip()]
         elif kind in ("value", "append", "resume") and v is not None:

@@ -230,6 +230,8 @@ def pseudo_label(data: Sequence[str], out: str | Path, teacher, min_peak: float 
         sources = sources[:max_images]
     if not sources:
         raise PseudoLabelError("no image to label")
+    if len(dropped) >= len(names) and not gt_names:  # the parts would declare no class: no dataset to train on
+        raise PseudoLabelError(f"--exclude-classes leaves the teacher none of its {len(names)} classes to label with")
     ex = {normalize_name(e) for e in exclude_classes}
     n_gt = len(gt_names)
     per_part = PART_CLASSES - n_gt
@@ -330,7 +332,7 @@ def expand_collection(path: str | Path, skip_empty: bool = False) -> list[Path]:
             meta = json.loads(m.read_text())
         except json.JSONDecodeError:
             return [p]
-        if meta.get("format") == COLLECTION_FORMAT:
+        if isinstance(meta, dict) and meta.get("format") == COLLECTION_FORMAT:
             parts = [p / q for q in meta.get("parts", [])]
             missing = [str(q) for q in parts if not (q / "dataset.json").is_file()]
             if missing:

@@ -139,6 +139,9 @@ def build_teacher(spec: str = "bridge", image_encoder: str | None = None, device
         raise ValueError(f"--tta-scales, --tta-flip and --bridge-size apply to a model teacher (default, a checkpoint "
                          f"or a run folder), not --teacher {spec}")
     if spec == "bridge":
+        if names is not None:  # its classes are the classifier's; the names would be dropped without a word
+            raise ValueError("--names applies to a model or MaskCLIP teacher; --teacher bridge labels with its image "
+                             "encoder's classifier classes (leave --names out)")
         from ..model.bridge import has_classifier
         enc = build_image_encoder(image_encoder or DEFAULT_IMAGE_ENCODER)
         if not has_classifier(enc):

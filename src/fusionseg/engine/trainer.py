@@ -253,6 +253,9 @@ class Trainer:
             self.splits[ds.name] = {"root": str(ds.root), "train": tr, "val": va}
             if tr:
                 train_sets.append((ds, ds.subset(tr)))
+        unknown_ids = sorted(holdout - {i for ds in datasets for i in ds.ids})
+        if unknown_ids:  # a typo would otherwise train on the image it meant to keep out, without a word
+            self.say(f"warning: --holdout names no image of the data: {', '.join(unknown_ids)}")
         if not train_sets:
             raise DatasetError(f"no training images left in {', '.join(cfg.data)} after the validation split "
                                f"(val_fraction {cfg.val_fraction}) and the holdout; lower val_fraction or add images")

@@ -52,6 +52,15 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.is_dir() and (p / "final.safetensors").is_file():
         p = p / "final.safetensors"
+    elif p.is_dir() and (p / "fusionseg-onnx.json").is_file():
+        raise CheckpointError(f"{p} is an ONNX export (fusionseg export), not a checkpoint: run it with segment "
+                              f"--runtime onnx --model {p}, or give the checkpoint it was exported from")
+    elif p.is_dir() and ((p / "config.toml").is_file() or any(p.glob("step*.safetensors"))):
+        steps = sorted(p.glob("step*.safetensors"), key=lambda q: int("0" + "".join(filter(str.isdigit, q.stem))))
+        hint = (f"give its latest intermediate checkpoint {steps[-1]}" if steps else
+                f"finish it with fusionseg train --resume {p}" if (p / "state.pt").is_file() else "it holds no weights")
+        raise CheckpointError(f"{p} is a training run folder without final.safetensors (the run has not finished); "
+                              f"{hint}")
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p} (give 'default', a .safetensors file or a training run folder)")
     return p

@@ -321,7 +321,13 @@ def _cpus_per_actor(ray, actors: int, gpus: float) -> int:
 
 def _cause(e: BaseException) -> str:
     c = getattr(e, "cause", None) or e
-    return (str(c).strip().splitlines() or [type(c).__name__])[0]
+    lines = [ln.strip() for ln in str(c).strip().splitlines() if ln.strip()]
+    if getattr(c, "actor_init_failed", False) and len(lines) > 1:
+        # "The actor died because of an error raised in its creation task, ray::...(pid=...)" then the actor's
+        # traceback: its own error, on the last line ("ValueError: checkpoint not found: ..."), is the cause
+        kind, sep, msg = lines[-1].partition(": ")
+        return msg if sep and kind.replace(".", "").replace("_", "").isalnum() else lines[-1]
+    return (lines or [type(c).__name__])[0]
 
 
 def _wait_ready(ray, workers) -> None:
