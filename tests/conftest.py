@@ -142,3 +142,17 @@ def make_tiny_clip(folder: Path) -> Path:
         projection_dim=24)
     CLIPModel(cfg).save_pretrained(folder)
     return folder
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (its ``_common`` import resolved), for tests of a script's functions."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return mod

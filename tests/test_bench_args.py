@@ -2,23 +2,14 @@
 stderr and exit code 2, before any work (in-process: each script's main() with a bad argument)."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_args_{name}", REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return mod
+_load = load_benchmark
 
 
 BAD = [

@@ -2,25 +2,16 @@
 markers, and nothing else in the file moves; every block in the README has its JSON."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return mod
+_load = load_benchmark
 
 
 RES = {"benchmark": "toy", "command": "python benchmarks/toy.py --repeats 1", "measured": True,
