@@ -2,7 +2,7 @@
 --json, and the K results combine into the medians of their medians and ratios, with each run's ratio kept."""
 from __future__ import annotations
 
-from test_bench_render import _load
+from conftest import load_benchmark as _load
 
 
 def _run(ratio, ms, repeats, tta=None):
