@@ -232,3 +232,21 @@ def test_model_teacher_reads_with_test_time_augmentation(tmp_path, capsys):
     assert "labels.csv" in err and "not used" in err  # the CLI prints the warning as one line
     meta = json.loads((tmp_path / "o" / "dataset.json").read_text())
     assert meta["teacher"]["test_time"] == {"scales": [1.0, 1.5], "flip": True, "bridge_size": 320}
+
+
+def test_teacher_names_are_distinct_under_the_class_name_policy():
+    """ImageNet names two classes "crane" (the bird, the machine), "Cardigan" (the corgi) and "cardigan" (the
+    sweater), two "maillot": a pseudo-labelled part holding both was a dataset that evaluate refuses (names equal up
+    to case) and that merged two meanings in training. The bridge teacher names them apart from their own words."""
+    from fusionseg.encoders.base import build_image_encoder
+    from fusionseg.engine.teachers import BridgeTeacher, distinct_names
+    from fusionseg.names import match_key
+    t = BridgeTeacher(build_image_encoder("efficientnet-lite0"))
+    assert len({match_key(n) for n in t.names}) == len(t.names) == 1000
+    assert (t.names[134], t.names[517]) == ("crane (bird)", "crane")
+    assert (t.names[264], t.names[474]) == ("Cardigan Welsh corgi", "cardigan")
+    assert (t.names[638], t.names[639]) == ("maillot", "maillot (tank suit)")
+    assert t.names[0] == "tench" and t.synonyms[134][:3] == ["crane (bird)", "crane", "bird"]  # old words kept
+    # every class keeps its name when names are distinct; a group with no words at all is numbered
+    assert distinct_names(["cat", "dog"], [["cat"], ["dog"]]) == ["cat", "dog"]
+    assert distinct_names(["a", "A", "a"], [["a"], ["A"], ["a", "x"]]) == ["a", "A #1", "a (x)"]

@@ -38,6 +38,39 @@ def _crop(maps: torch.Tensor, valid: tuple[int, int], padded: tuple[int, int]) -
     return maps[:, :hv, :wv]
 
 
+def distinct_names(names: Sequence[str], synonyms: Sequence[Sequence[str]]) -> list[str]:
+    """Teacher class names made distinct under the class-name policy (:func:`~fusionseg.names.match_key`: a
+    dataset, and ``evaluate``, refuse two names equal up to case), from each class's own words: within a group of
+    equal names, a class whose synonym holds the name takes that synonym ("Cardigan Welsh corgi"), else the name
+    with its first other word ("crane (bird)"); one class without such a word keeps the bare name, any further one
+    gets its index ("maillot #639"). Names that are already distinct are kept as they are."""
+    from collections import defaultdict
+
+    from ..names import match_key
+    keys = [match_key(n) for n in names]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, k in enumerate(keys):
+        groups[k].append(i)
+    out = list(names)
+    taken = set(keys)
+    for key, idx in groups.items():
+        if len(idx) < 2:
+            continue
+        bare = []
+        for i in idx:
+            for w in synonyms[i][1:]:
+                cand = w if f" {key} " in f" {match_key(w)} " else f"{names[i]} ({w})"
+                if match_key(cand) not in taken:
+                    out[i] = cand
+                    taken.add(match_key(cand))
+                    break
+            else:
+                bare.append(i)
+        for i in bare[1:]:
+            out[i] = f"{names[i]} #{i}"
+    return out
+
+
 class BridgeTeacher:
     """The image encoder's classifier head applied at every location: softmax over its named classes."""
 
@@ -51,7 +84,9 @@ class BridgeTeacher:
         if groups and len(syn) == 1000:
             from ..model.imagenet_groups import imagenet_groups
             syn = [list(s) + [g for g in gr if g not in s] for s, gr in zip(syn, imagenet_groups())]
-        self.synonyms = [list(dict.fromkeys([n] + list(s))) for n, s in zip(self.names, syn)]
+        syn = [list(dict.fromkeys([n] + list(s))) for n, s in zip(self.names, syn)]
+        self.names = distinct_names(self.names, syn)  # ImageNet has two "crane"s, "Cardigan" and "cardigan", ...
+        self.synonyms = [list(dict.fromkeys([n] + s)) for n, s in zip(self.names, syn)]
 
     def describe(self) -> dict:
         return {"kind": "bridge", "image_encoder": self.encoder.spec.name, "size": self.size}
