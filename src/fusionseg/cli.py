@@ -577,6 +577,9 @@ def _segment_ray(a: argparse.Namespace, names: list[str]) -> int:
     r = run(a.images, a.out, kw, address=a.address, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
             batch_size=a.batch_size, overlay=not a.no_overlay, info={"model": str(a.model)})
     print(f"{r['total']} images: {r['ok']} ok ({r['skipped']} already done), {r['errors']} errors -> {r['index']}")
+    if r["errors"]:  # the local engine's exit codes: 3 some images failed, 2 none could be read
+        print(f"fusionseg segment: {r['errors']} of {r['total']} images failed; see {r['index']}", file=sys.stderr)
+        return EXIT_PARTIAL if r["ok"] else EXIT_USAGE
     return 0
 
 
