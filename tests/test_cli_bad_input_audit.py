@@ -355,3 +355,16 @@ def test_segment_a_pipe_is_named_as_such(tmp_path, capsys):
     assert code == 2
     _one_error_line(err, "is not a regular file")
     assert not (tmp_path / "o").exists()
+
+
+def test_train_fold_on_folder_data_is_said(tmp_path, capsys):
+    """--fold only selects a PASCAL-5i / COCO-20i fold; on folder datasets it changed nothing, without a word (a
+    user meaning to hold a fold's names out would train on them)."""
+    ds = make_shapes_dataset(tmp_path / "shapes", n=3, size=64)
+    base = ["train", "--data", ds, "--image-encoder", "test-pool", "--text-encoder", "test-hash", "--preset", "tiny",
+            "--steps", "1", "--size", "64", "--val-fraction", "0", "--cache-dir", tmp_path / "c"]
+    code, out, err = run(base + ["--out", tmp_path / "run", "--fold", "1"], capsys)
+    assert code == 0, err
+    assert "warning: fold 1 applies to pascal5i:ROOT and coco20i:ROOT data only" in out + err
+    code, out, err = run(base + ["--out", tmp_path / "run2"], capsys)
+    assert code == 0 and "warning: fold" not in out + err

@@ -38,8 +38,9 @@ from .distributed import Dist, wrap_for_training
 from .encoders import build_encoder_for_training, with_offline_hint
 from .metrics import SemanticMeter, semantic_scores
 from .plots import plot_metrics
-from .sampling import (dataset_synonyms, image_names, name_support, repeat_factors, _mask_lut, _Pool, _UncachedSteps, build_vocabulary, choose_classes, default_scales,
-                       gather_batch, make_step_plan, open_datasets, step_rng)
+from .sampling import (BenchmarkSplit, dataset_synonyms, image_names, name_support, repeat_factors, _mask_lut, _Pool,
+                       _UncachedSteps, build_vocabulary, choose_classes, default_scales, gather_batch, make_step_plan,
+                       open_datasets, step_rng)
 from .state import (CONFIG_FILE, STATE_FILE, load_state, rng_states, save_state, set_rng_states,
                     write_checkpoint)
 
@@ -237,6 +238,9 @@ class Trainer:
         """Datasets, the global vocabulary, the train/validation split of every dataset."""
         cfg = self.cfg
         self.datasets = datasets = open_datasets(cfg.data, cfg.fold)
+        if cfg.fold is not None and not any(isinstance(ds, BenchmarkSplit) for ds in datasets):
+            self.say(f"warning: fold {cfg.fold} applies to pascal5i:ROOT and coco20i:ROOT data only; none is given, "
+                     "so it changes nothing (--exclude-classes holds names out of folder datasets)")
         self.auto_excluded = [n for ds in datasets for n in getattr(ds, "novel_names", [])]
         self.vocab, maps, unknown_excl = build_vocabulary(datasets, list(cfg.exclude_classes) + self.auto_excluded)
         unknown_excl = [n for n in unknown_excl if n not in {normalize_name(a) for a in self.auto_excluded}]
