@@ -368,3 +368,13 @@ def test_train_fold_on_folder_data_is_said(tmp_path, capsys):
     assert "warning: fold 1 applies to pascal5i:ROOT and coco20i:ROOT data only" in out + err
     code, out, err = run(base + ["--out", tmp_path / "run2"], capsys)
     assert code == 0 and "warning: fold" not in out + err
+
+
+@pytest.mark.parametrize("opset", ["13", "99"])
+def test_export_opset_outside_what_torch_writes(tmp_path, capsys, opset):
+    """export --opset 13 (the attention needs 14) or 99 (past torch's newest) failed after tracing, with torch's
+    graph dumped on stdout; refused up front now, one line naming the range."""
+    code, out, err = run(["export", "--format", "onnx", "--out", tmp_path / "onnx", "--opset", opset], capsys)
+    assert code == 2 and out == ""
+    _one_error_line(err, "--opset")
+    assert not (tmp_path / "onnx").exists()

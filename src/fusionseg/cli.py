@@ -588,6 +588,11 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.format != "onnx":
         raise CLIError(f"--format must be onnx, got {a.format!r}")
     _check_number(a, "size", 32, 4096)  # the traced example's side (0 read as the default, 100000 ran out of memory)
+    try:  # torch's newest opset; the fusion head's attention needs 14 (an opset outside was a graph dump on stdout)
+        from torch.onnx._constants import ONNX_MAX_OPSET as newest
+    except ImportError:  # pragma: no cover - a torch without that constant
+        newest = 20
+    _check_number(a, "opset", 14, newest)
     if a.classes:
         _class_list(a.classes)
     info = export_onnx(a.model, a.out, classes=a.classes, size=a.size, opset=a.opset)
@@ -878,7 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--classes", default=None,
                    help='names whose text embeddings are stored with the export, e.g. "cat, sofa"')
     x.add_argument("--size", type=int, default=None, help="size of the example input for tracing (default: the model's)")
-    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; from 14, the attention's, to torch's newest)")
     x.set_defaults(func=cmd_export)
 
     t = sub.add_parser("train", help="train the fusion model (cached frozen features; torchrun for several GPUs)",
