@@ -20,8 +20,8 @@ repeats of one process, so a verdict near the target wants several runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,8 +75,8 @@ def main() -> None:
         check_bridge_size(a.bridge_size)
     except ValueError as e:
         C.fail(f"--bridge-size: {e}")
-    if a.size is not None and not 64 <= a.size <= 2048:
-        C.fail(f"--size must be between 64 and 2048 px, got {a.size}")
+    if a.size is not None:
+        C.in_range(a.size, "--size", 64, 2048)
     if a.runs > 1:  # every argument checked above, so a child run does not fail on it
         return several_runs(a)
     augmented = a.tta_flip or scales != (1.0,)

@@ -20,6 +20,7 @@ BAD = [
     ("default_latency", ["--images", "0"], "--images"),
     ("default_latency", ["--repeats", "0"], "--repeats"),
     ("default_latency", ["--bridge-size", "5"], "--bridge-size"),
+    ("default_latency", ["--size", "32"], "--size"),
     ("serve_load", ["--requests", "0"], "--requests"),
     ("serve_load", ["--clients", "0"], "--clients"),
     ("train_speed", ["--steps", "0"], "--steps"),

@@ -39,14 +39,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _check_device(device: str | None, flag: str = "--device") -> None:
-    """cpu, cuda, cuda:N or mps (torch-free: the string only; availability is checked when the model loads)."""
+    """cpu, cuda, cuda:N or mps (torch-free: the string only; :func:`_check_device_here` also checks it exists)."""
     import re
     if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(device)):
         raise CLIError(f"{flag} must be cpu, cuda, cuda:N or mps, got {device!r}")
 
 
 def _check_device_here(device: str | None, flag: str = "--device") -> None:
-    """The device exists on this machine (imports torch): CUDA or MPS available, cuda:N within the device count."""
+    """:func:`_check_device`, and the device exists on this machine (imports torch): CUDA or MPS available, cuda:N
+    within the device count."""
+    _check_device(device, flag)
     if device is None or device == "cpu":
         return
     import torch
@@ -548,7 +550,7 @@ def _check_run_folder(out: Path, resume, overwrite: bool) -> None:
         if found and overwrite:
             raise CLIError("give --resume or --overwrite, not both")
         return
-    trained = _run_steps(out) is not None or (out / "state.pt").exists() or any(out.glob("step*.safetensors"))
+    trained = _run_steps(out) is not None or any(f == "state.pt" or f.startswith("step") for f in found)
     if not overwrite and trained:
         what = []
         try:
@@ -662,9 +664,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     _check_number(a, "max_images", 1)
     _check_number(a, "episodes", 1)
     _check_number(a, "threads", 0, 1024)
-    _check_device(a.device)
-    _check_tta(a)
     _check_device_here(a.device)
+    _check_tta(a)
     if a.max_images is not None and a.protocol == "episodes":
         raise CLIError("--max-images applies to the semantic and novel-names protocols; bound episodes with --episodes")
     if a.episodes is not None and a.protocol != "episodes":
@@ -705,9 +706,8 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
     if a.examples < 0:
         raise CLIError(f"--examples must be 0 or more, got {a.examples}")
     _check_number(a, "threads", 0, 1024)
-    _check_device(a.device)
-    _check_tta(a)
     _check_device_here(a.device)
+    _check_tta(a)
     for d in a.data:
         if not Path(d).is_dir():
             raise CLIError(f"no such folder: {d}")

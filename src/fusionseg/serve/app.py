@@ -260,7 +260,8 @@ class Service:
         out: dict[str, Any] = {
             "classes": s["classes"], "width": s["width"], "height": s["height"],
             "threshold": None if req.background else (self.seg.threshold if req.threshold is None else req.threshold),
-            "decision": self.decision_for(req), "background": req.background, "none_fraction": s["none_fraction"], "per_class": per,
+            "decision": self.decision_for(req), "background": req.background, "none_fraction": s["none_fraction"],
+            "per_class": per,
             "label_png": _png_b64(label_png(pred.labels, len(req.classes))),
         }
         if req.scores:
